@@ -1,0 +1,41 @@
+# Two commands for a fresh machine with Python 3.11:
+#   make demo   virtual environment + install + the Shapes-world DAG end to end (2 CPU cores)
+#   make test   virtual environment + install + the test suite
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CORES ?= 2
+# Commands the workflow's rules call (arrag, python -m evaluators) come from the virtual environment.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: install demo test lint dry-run clean-demo
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/arrag stages
+	$(BIN)/snakemake --cores $(CORES) --configfile config/demo.yaml
+	@echo
+	@echo "Shapes world, benchmarks, models and metrics: results/demo/   logs: logs/demo/"
+	@test -f results/demo/tables/README.md && echo "Tables and figures: results/demo/tables/" \
+		|| echo "Tables: not produced yet (see the stages listed above as not implemented yet)"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check arrag evaluators tests benchmarks
+	$(BIN)/snakemake --lint --configfile config/demo.yaml
+
+dry-run: $(STAMP)
+	for c in demo ci config; do $(BIN)/snakemake everything -n -q --configfile config/$$c.yaml || exit 1; done
+
+clean-demo:
+	rm -rf results/demo logs/demo

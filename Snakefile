@@ -1,0 +1,42 @@
+# AR-RAG harness: one DAG from images to the paper's tables, at two scales.
+#   snakemake --cores all --use-conda                         paper scale (config/config.yaml)
+#   snakemake --cores 2 --configfile config/demo.yaml         the Shapes world (what `make demo` runs)
+# A --configfile replaces config/config.yaml (it is not merged into it).
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/models.smk"
+include: "workflow/rules/index.smk"
+include: "workflow/rules/finetune.smk"
+include: "workflow/rules/generate.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+localrules:
+    all,
+    everything,
+
+
+rule all:
+    """Every output whose stages are implemented (the others are listed when the run starts)."""
+    input:
+        ready_targets(),
+
+
+rule everything:
+    """The whole pipeline, including stages not implemented yet (their rules fail loudly)."""
+    input:
+        all_targets(),

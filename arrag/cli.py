@@ -1,0 +1,127 @@
+"""The `arrag` command line: one subcommand per workflow step; the Snakemake rules are thin calls of these.
+
+A subcommand whose capability has not landed yet is listed with its help text and exits with
+"not implemented yet: <capability>" (status 3) without writing any output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from arrag import __version__
+
+
+def cmd_shapes_world(args: argparse.Namespace) -> None:
+    from arrag.shapes.dataset import ShapesConfig, write_split
+
+    config = ShapesConfig(seed=args.seed, image_size=args.image_size, supersample=args.supersample)
+    write_split(args.out, args.split, args.count, config)
+
+
+def cmd_shapes_benchmarks(args: argparse.Namespace) -> None:
+    from arrag.shapes.benchmarks import BenchmarkSizes, write_benchmarks
+    from arrag.shapes.dataset import ShapesConfig, read_annotations
+
+    config = ShapesConfig(seed=args.seed, image_size=args.image_size, supersample=args.supersample)
+    sizes = BenchmarkSizes(args.geneval_per_tag, args.dpg_prompts, args.mjhq_images)
+    write_benchmarks(args.out, config, sizes, args.heldout, read_annotations(args.heldout))
+
+
+def cmd_stages(args: argparse.Namespace) -> None:
+    width = max(len(name) for name in COMMANDS)
+    for name, (function, _help, capability, _add) in COMMANDS.items():
+        state = "ready" if function is not None else "not implemented yet"
+        print(f"{name:<{width}}  {state:<19}  {capability}")
+
+
+def _shapes_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
+    parser.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
+    parser.add_argument("--supersample", type=int, default=4, help="anti-aliasing factor (default 4)")
+
+
+def _add_shapes_world(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--split", required=True, choices=["database", "train", "heldout"])
+    parser.add_argument("--count", required=True, type=int, help="number of images")
+    parser.add_argument("--out", required=True, type=Path, help="split folder to write")
+    _shapes_options(parser)
+
+
+def _add_shapes_benchmarks(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--heldout", required=True, type=Path, help="held-out split folder (MJHQ references)")
+    parser.add_argument("--out", required=True, type=Path, help="benchmark folder to write")
+    parser.add_argument("--geneval-per-tag", type=int, default=12)
+    parser.add_argument("--dpg-prompts", type=int, default=40)
+    parser.add_argument("--mjhq-images", type=int, default=300)
+    _shapes_options(parser)
+
+
+def _no_arguments(parser: argparse.ArgumentParser) -> None:
+    return None
+
+
+# name -> (function or None when not implemented yet, help, capability and owning issue, add_arguments)
+COMMANDS = {
+    "shapes-world": (cmd_shapes_world, "render one split of the Shapes world", "Shapes world (Foundation)",
+                     _add_shapes_world),
+    "shapes-benchmarks": (cmd_shapes_benchmarks, "write GenEval / DPG-Bench / MJHQ files of the Shapes world",
+                          "Shapes benchmarks (Foundation)", _add_shapes_benchmarks),
+    "stages": (cmd_stages, "list every subcommand and whether it is implemented", "status (Foundation)",
+               _no_arguments),
+    "fetch": (None, "download pinned datasets, models and benchmark files into resources/",
+              "data acquisition (Paper-scale issue)", _no_arguments),
+    "train-vq": (None, "train the Shapes VQ tokenizer", "Shapes VQ training (Backbones issue)", _no_arguments),
+    "train-lm": (None, "train the Shapes Janus language model", "Shapes backbone training (Backbones issue)",
+                 _no_arguments),
+    "train-clip": (None, "train the Shapes CLIP", "Shapes CLIP (RA-CM3 issue)", _no_arguments),
+    "encode-patches": (None, "encode one shard of database images into patch keys and values",
+                       "patch database (Patch database issue)", _no_arguments),
+    "train-index": (None, "train the FAISS index", "FAISS index (Patch database issue)", _no_arguments),
+    "add-shard": (None, "add one shard of patches to the trained index", "FAISS index (Patch database issue)",
+                  _no_arguments),
+    "merge-index": (None, "merge the per-shard indexes", "FAISS index (Patch database issue)", _no_arguments),
+    "retrieval-analysis": (None, "Figure 6: distance of the k-th retrieved token to the ground truth",
+                           "retrieval analysis (Patch database issue)", _no_arguments),
+    "build-clip-index": (None, "image-level CLIP index for RA-CM3", "RA-CM3 retrieval (RA-CM3 issue)", _no_arguments),
+    "precompute-retrievals": (None, "top-k retrievals for every position of the fine-tuning images",
+                              "FAiD training data (FAiD issue)", _no_arguments),
+    "finetune-faid": (None, "fine-tune FAiD blenders (and LoRA)", "FAiD fine-tuning (FAiD issue)", _no_arguments),
+    "finetune-racm3": (None, "fine-tune the backbone with prepended retrieved images",
+                       "RA-CM3 fine-tuning (RA-CM3 issue)", _no_arguments),
+    "generate": (None, "generate one shard of a benchmark with one method", "generation (Backbones issue)",
+                 _no_arguments),
+    "select": (None, "pick ablation values with the lowest FID", "hyperparameter selection (DAiD issue)",
+               _no_arguments),
+    "tables": (None, "render Tables 1-4 and Figure 7 from result records", "tables (Paper-scale issue)",
+               _no_arguments),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="arrag", description="AR-RAG benchmark harness.")
+    parser.add_argument("--version", action="version", version=f"arrag {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (function, help_text, capability, add_arguments) in COMMANDS.items():
+        suffix = "" if function is not None else f" [not implemented yet: {capability}]"
+        command_parser = sub.add_parser(name, help=help_text + suffix, description=help_text + suffix)
+        add_arguments(command_parser)
+        command_parser.set_defaults(function=function, capability=capability)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if args.function is None:
+        print(f"not implemented yet: {args.capability}", file=sys.stderr)
+        return 3
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.function(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+# Fine-tuning: FAiD blenders (one fine-tune per ablation cell) and the RA-CM3 baseline.
+
+
+rule precompute_retrievals:
+    """Top-k retrievals for every position of one shard of the fine-tuning images (held out of the index)."""
+    input:
+        index=f"{R}/index/index.faiss",
+        backbone=BACKBONE,
+        images=FINETUNE_IMAGES,
+    output:
+        f"{R}/faid/retrievals/{{shard}}.npz",
+    params:
+        k=config["faid"]["k"],
+        shards=config["index"]["shards"],
+    conda:
+        MAIN_ENV
+    log:
+        f"{LOGS}/precompute_retrievals/{{shard}}.log",
+    shell:
+        "python -m arrag.cli precompute-retrievals --index {input.index:q} --backbone {input.backbone:q} --images {input.images:q}"
+        " --k {params.k} --shard {wildcards.shard} --shards {params.shards} --out {output:q} > {log:q} 2>&1"
+
+
+rule finetune_faid:
+    """Teacher-forced training of the blenders (backbone frozen, optional LoRA) for one (hops, m) cell."""
+    input:
+        backbone=BACKBONE,
+        images=FINETUNE_IMAGES,
+        retrievals=expand(f"{R}/faid/retrievals/{{shard}}.npz", shard=INDEX_SHARDS),
+    output:
+        directory(f"{R}/models/faid/hops{{hops}}_m{{m}}"),
+    wildcard_constraints:
+        hops=r"[1-9]+",
+        m=r"\d+",
+    resources:
+        gpu=0 if SHAPES else 1,
+    conda:
+        MAIN_ENV
+    log:
+        f"{LOGS}/finetune_faid/hops{{hops}}_m{{m}}.log",
+    shell:
+        "python -m arrag.cli finetune-faid --backbone {input.backbone:q} --images {input.images:q} --hops {wildcards.hops}"
+        " --m {wildcards.m} --out {output:q} {input.retrievals:q} > {log:q} 2>&1"
+
+
+rule build_clip_index:
+    """RA-CM3 (Appendix B.1): CLIP image embeddings of the database images in an inner-product index."""
+    input:
+        images=DATABASE_IMAGES,
+        clip=f"{R}/models/clip" if SHAPES else [],
+    output:
+        directory(f"{R}/racm3/clip_index"),
+    params:
+        model=config["racm3"]["clip_model"],
+        pretrained=config["racm3"]["clip_pretrained"] or "",
+    conda:
+        MAIN_ENV
+    log:
+        f"{LOGS}/build_clip_index.log",
+    shell:
+        "python -m arrag.cli build-clip-index --images {input.images:q} --model {params.model:q} --pretrained {params.pretrained:q}"
+        " --out {output:q} > {log:q} 2>&1"
+
+
+rule finetune_racm3:
+    """RA-CM3: fine-tune the backbone (LoRA) with the retrieved image's tokens prepended to the prompt."""
+    input:
+        backbone=BACKBONE,
+        images=FINETUNE_IMAGES,
+        clip_index=f"{R}/racm3/clip_index",
+    output:
+        directory(f"{R}/models/racm3"),
+    resources:
+        gpu=0 if SHAPES else 1,
+    conda:
+        MAIN_ENV
+    log:
+        f"{LOGS}/finetune_racm3.log",
+    shell:
+        "python -m arrag.cli finetune-racm3 --backbone {input.backbone:q} --images {input.images:q}"
+        " --clip-index {input.clip_index:q} --out {output:q} > {log:q} 2>&1"

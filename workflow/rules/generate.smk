@@ -1,0 +1,50 @@
+# Generation: prompts -> images in each benchmark's layout, as shards (scatter) and a record (gather).
+# Images of all shards land in one folder, each written atomically; a shard's record lists its files.
+
+
+rule generate:
+    """One shard (i of N) of one benchmark with one method and variant; resumable."""
+    input:
+        unpack(lambda wc: {**method_inputs(wc), **benchmark_files()}),
+        backbone=BACKBONE,
+    output:
+        f"{R}/generated/{{bench}}/{{method}}/{{variant}}/shards/{{shard}}.json",
+    params:
+        prompts=prompt_source,
+        images=lambda wc: f"{R}/generated/{wc.bench}/{wc.method}/{wc.variant}/images",
+        shards=lambda wc: config["sampling"]["shards"][wc.bench],
+        seed=config["seed"],
+        cfg=config["sampling"]["cfg_weight"],
+        temperature=config["sampling"]["temperature"],
+        micro_batch=config["sampling"]["micro_batch"],
+        samples=config["benchmarks"]["geneval"]["samples_per_prompt"],
+        subset=config["benchmarks"]["mjhq"]["ablation_subset"],
+    resources:
+        gpu=0 if SHAPES else 1,
+    conda:
+        MAIN_ENV
+    log:
+        f"{LOGS}/generate/{{bench}}/{{method}}/{{variant}}/{{shard}}.log",
+    shell:
+        "python -m arrag.cli generate --benchmark {wildcards.bench} --prompts {params.prompts:q} --method {wildcards.method}"
+        " --variant {wildcards.variant} --backbone {input.backbone:q} --shard {wildcards.shard}"
+        " --shards {params.shards} --seed {params.seed} --cfg-weight {params.cfg} --temperature {params.temperature}"
+        " --micro-batch {params.micro_batch} --samples-per-prompt {params.samples} --ablation-subset {params.subset}"
+        " --images {params.images:q} --record {output:q} > {log:q} 2>&1"
+
+
+rule gather_generation:
+    """All shards of a (benchmark, method, variant): their records merged (timings for Table 4)."""
+    input:
+        lambda wc: expand(
+            f"{R}/generated/{wc.bench}/{wc.method}/{wc.variant}/shards/{{shard}}.json",
+            shard=range(config["sampling"]["shards"][wc.bench]),
+        ),
+    output:
+        f"{R}/generated/{{bench}}/{{method}}/{{variant}}/record.json",
+    conda:
+        MAIN_ENV
+    log:
+        f"{LOGS}/gather_generation/{{bench}}/{{method}}/{{variant}}.log",
+    shell:
+        "python -m arrag.cli generate --gather --record {output:q} {input:q} > {log:q} 2>&1"

@@ -1,0 +1,47 @@
+# Models trained in the DAG: the Shapes-world VQ, Janus language model and CLIP.
+
+
+rule train_shapes_vq:
+    """A tiny JanusVQVAE trained on the database split (64x64 images -> 8x8 token grid)."""
+    input:
+        f"{R}/shapes/database",
+    output:
+        directory(f"{R}/models/vq"),
+    threads: 2
+    conda:
+        MAIN_ENV
+    log:
+        f"{LOGS}/train_shapes_vq.log",
+    shell:
+        "python -m arrag.cli train-vq --images {input:q} --out {output:q} > {log:q} 2>&1"
+
+
+rule train_shapes_lm:
+    """A tiny JanusForConditionalGeneration trained on the train split's captions and VQ tokens."""
+    input:
+        images=f"{R}/shapes/train",
+        vq=f"{R}/models/vq",
+    output:
+        directory(f"{R}/models/backbone"),
+    threads: 2
+    conda:
+        MAIN_ENV
+    log:
+        f"{LOGS}/train_shapes_lm.log",
+    shell:
+        "python -m arrag.cli train-lm --images {input.images:q} --vq {input.vq:q} --out {output:q} > {log:q} 2>&1"
+
+
+rule train_shapes_clip:
+    """A small open_clip model trained contrastively on Shapes image-caption pairs."""
+    input:
+        f"{R}/shapes/database",
+    output:
+        directory(f"{R}/models/clip"),
+    threads: 2
+    conda:
+        MAIN_ENV
+    log:
+        f"{LOGS}/train_shapes_clip.log",
+    shell:
+        "python -m arrag.cli train-clip --images {input:q} --out {output:q} > {log:q} 2>&1"
