@@ -29,6 +29,16 @@ def cmd_shapes_benchmarks(args: argparse.Namespace) -> None:
     write_benchmarks(args.out, config, sizes, args.heldout, read_annotations(args.heldout))
 
 
+def cmd_train_vq(args: argparse.Namespace) -> None:
+    from arrag.training.vq import VQTrainConfig, train_vq
+
+    config = VQTrainConfig(image_size=args.image_size, grid=args.image_size // 8, codebook_size=args.codebook_size,
+                           steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    metrics = train_vq(args.images, args.out, args.checkpoint, config, heldout_dir=args.heldout)
+    print(f"held-out PSNR {metrics.get('heldout_psnr', float('nan')):.2f} dB after {metrics['steps']} steps "
+          f"({metrics['train_seconds']:.0f} s)")
+
+
 def cmd_stages(args: argparse.Namespace) -> None:
     width = max(len(name) for name in COMMANDS)
     for name, (function, _help, capability, _add) in COMMANDS.items():
@@ -58,6 +68,19 @@ def _add_shapes_benchmarks(parser: argparse.ArgumentParser) -> None:
     _shapes_options(parser)
 
 
+def _add_train_vq(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", required=True, type=Path, help="split folder to train on (images/*.png)")
+    parser.add_argument("--heldout", type=Path, help="split folder for the reconstruction PSNR")
+    parser.add_argument("--out", required=True, type=Path, help="model folder to write (save_pretrained)")
+    parser.add_argument("--checkpoint", required=True, type=Path, help="resumable checkpoint file (kept on failure)")
+    parser.add_argument("--image-size", type=int, default=64, help="image side; the token grid is a 1/8 of it")
+    parser.add_argument("--codebook-size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def _no_arguments(parser: argparse.ArgumentParser) -> None:
     return None
 
@@ -72,7 +95,8 @@ COMMANDS = {
                _no_arguments),
     "fetch": (None, "download pinned datasets, models and benchmark files into resources/",
               "data acquisition (Paper-scale issue)", _no_arguments),
-    "train-vq": (None, "train the Shapes VQ tokenizer", "Shapes VQ training (Backbones issue)", _no_arguments),
+    "train-vq": (cmd_train_vq, "train the Shapes VQ tokenizer (a tiny JanusVQVAE)",
+                 "Shapes VQ training (Backbones issue)", _add_train_vq),
     "train-lm": (None, "train the Shapes Janus language model", "Shapes backbone training (Backbones issue)",
                  _no_arguments),
     "train-clip": (None, "train the Shapes CLIP", "Shapes CLIP (RA-CM3 issue)", _no_arguments),

@@ -160,6 +160,7 @@ def stage_targets():
     if SHAPES:
         stages.append(("Shapes world", ["shapes-world"], expand(f"{R}/shapes/{{split}}", split=["database", "train", "heldout"])))
         stages.append(("Shapes benchmarks", DATA_COMMANDS, [BENCHMARK_DIR]))
+        stages.append(("Shapes VQ", ["shapes-world", "train-vq"], [f"{R}/models/vq"]))
         stages.append(("Shapes CLIP", ["train-clip"], [f"{R}/models/clip"]))
     else:
         stages.append(("data acquisition", DATA_COMMANDS, list(benchmark_files().values())))

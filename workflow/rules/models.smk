@@ -4,16 +4,28 @@
 rule train_shapes_vq:
     """A tiny JanusVQVAE trained on the database split (64x64 images -> 8x8 token grid)."""
     input:
-        f"{R}/shapes/database",
+        images=f"{R}/shapes/database",
+        heldout=f"{R}/shapes/heldout",
     output:
         directory(f"{R}/models/vq"),
+    params:
+        checkpoint=f"{R}/checkpoints/vq.pt",
+        size=config["shapes"]["image_size"],
+        steps=config["shapes_models"]["vq"]["steps"],
+        batch_size=config["shapes_models"]["vq"]["batch_size"],
+        lr=config["shapes_models"]["vq"]["lr"],
+        codebook_size=config["shapes_models"]["vq"]["codebook_size"],
+        seed=config["seed"],
     threads: 2
     conda:
         MAIN_ENV
     log:
         f"{LOGS}/train_shapes_vq.log",
     shell:
-        "python -m arrag.cli train-vq --images {input:q} --out {output:q} > {log:q} 2>&1"
+        "python -m arrag.cli train-vq --images {input.images:q} --heldout {input.heldout:q} --out {output:q}"
+        " --checkpoint {params.checkpoint:q} --image-size {params.size} --steps {params.steps}"
+        " --batch-size {params.batch_size} --lr {params.lr} --codebook-size {params.codebook_size}"
+        " --seed {params.seed} > {log:q} 2>&1"
 
 
 rule train_shapes_lm:

@@ -1,0 +1,1 @@
+"""Generation backbones (Janus-Pro through transformers) and image-tokenizer access."""

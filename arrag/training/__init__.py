@@ -1,0 +1,1 @@
+"""Training loops of the Shapes-world models and of the fine-tuned methods."""

@@ -1,0 +1,186 @@
+"""Train the Shapes-world VQ tokenizer: a tiny `JanusVQVAE` (64x64 images -> 8x8 token grid).
+
+`JanusVQVAE.forward` cannot train (it decodes from argmin indices, so the encoder gets no reconstruction
+gradient), so the step is written here: encoder -> quant_conv -> L2-normalised z -> nearest L2-normalised
+code (Janus-Pro's rule, see `arrag.models.vq`) -> straight-through -> post_quant_conv -> decoder.
+Loss: L1 + L2 reconstruction, codebook term and beta x commitment term (VQ-VAE form). Codes unused over
+`restart_every` steps are restarted on random latents of the current batch, which keeps the codebook alive.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+from transformers import JanusVQVAE, JanusVQVAEConfig
+
+from arrag.models.vq import codebook_vectors, decode_tokens, encode_images, encode_latents, nearest_codes
+from arrag.training.loop import LossLog, batch_indices, load_checkpoint, save_checkpoint, step_generator
+from evaluators.io import write_json_atomic
+
+
+@dataclass(frozen=True)
+class VQTrainConfig:
+    image_size: int = 64
+    grid: int = 8  # token grid side: image_size / 2 ** (len(channel_multiplier) - 1)
+    codebook_size: int = 512
+    embed_dim: int = 8
+    base_channels: int = 32
+    channel_multiplier: tuple[int, ...] = (1, 1, 2, 2)
+    num_res_blocks: int = 1
+    latent_channels: int = 64
+    steps: int = 1500
+    batch_size: int = 16
+    lr: float = 2e-3
+    beta: float = 0.25
+    restart_every: int = 100
+    checkpoint_every: int = 100
+    bf16: bool = True
+    seed: int = 0
+
+
+def vq_config(config: VQTrainConfig) -> JanusVQVAEConfig:
+    levels = len(config.channel_multiplier) - 1
+    if config.image_size // 2**levels != config.grid:
+        raise ValueError(f"image_size {config.image_size} with {levels} downsamplings gives a "
+                         f"{config.image_size // 2**levels} grid, not {config.grid}: change channel_multiplier")
+    if any(config.base_channels * m % 32 for m in config.channel_multiplier):
+        raise ValueError("every base_channels x channel_multiplier must be a multiple of 32 (GroupNorm(32))")
+    return JanusVQVAEConfig(
+        embed_dim=config.embed_dim, num_embeddings=config.codebook_size, latent_channels=config.latent_channels,
+        base_channels=config.base_channels, channel_multiplier=list(config.channel_multiplier),
+        num_res_blocks=config.num_res_blocks, num_patches=config.grid,
+    )
+
+
+def read_images(split_dir: str | Path, limit: int | None = None) -> torch.Tensor:
+    """The images of a split folder (images/*.png, sorted) as uint8 [N, H, W, 3]."""
+    files = sorted((Path(split_dir) / "images").glob("*.png"))[:limit]
+    if not files:
+        raise FileNotFoundError(f"no images in {Path(split_dir) / 'images'}")
+    return torch.from_numpy(np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files]))
+
+
+def to_model_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1]."""
+    return (images.permute(0, 3, 1, 2).float() / 127.5 - 1.0).contiguous()
+
+
+def psnr(reference: torch.Tensor, estimate: torch.Tensor) -> float:
+    """Mean PSNR in dB of images in [-1, 1] (peak-to-peak 2), averaged over images."""
+    mse = (reference - estimate).pow(2).flatten(1).mean(1).clamp_min(1e-12)
+    return float((10 * torch.log10(4.0 / mse)).mean())
+
+
+@torch.no_grad()
+def reconstruction_psnr(vq: JanusVQVAE, images: torch.Tensor, batch_size: int = 64) -> float:
+    """PSNR of decode(encode(x)) over uint8 images [N, H, W, 3]."""
+    vq.eval()
+    values = []
+    for start in range(0, len(images), batch_size):
+        x = to_model_input(images[start:start + batch_size])
+        values.append(psnr(x, decode_tokens(vq, encode_images(vq, x))) * len(x))
+    return sum(values) / len(images)
+
+
+def train_step(vq: JanusVQVAE, x: torch.Tensor, beta: float, bf16: bool) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """One forward pass. Returns (loss, logged values, token indices [B, h, w])."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        z = encode_latents(vq, x, l2_normalized=True).float()  # [B, h, w, d]
+    codebook = codebook_vectors(vq, normalized=True)
+    indices = nearest_codes(z.detach(), codebook.detach())
+    z_q = codebook[indices]
+    codebook_loss = F.mse_loss(z_q, z.detach())
+    commitment = F.mse_loss(z, z_q.detach())
+    z_st = (z + (z_q - z).detach()).permute(0, 3, 1, 2).contiguous()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        reconstruction = vq.decoder(vq.post_quant_conv(z_st)).float()
+    l1, l2 = F.l1_loss(reconstruction, x), F.mse_loss(reconstruction, x)
+    loss = l1 + l2 + codebook_loss + beta * commitment
+    logged = {"loss": loss.item(), "l1": l1.item(), "codebook": codebook_loss.item(),
+              "psnr": psnr(x, reconstruction.detach().clamp(-1, 1))}
+    return loss, logged, indices
+
+
+@torch.no_grad()
+def restart_dead_codes(vq: JanusVQVAE, usage: torch.Tensor, latents: torch.Tensor, generator: torch.Generator) -> int:
+    """Re-initialise codes with zero usage to random latents [M, d] of the batch; returns how many."""
+    dead = torch.nonzero(usage == 0).flatten()
+    if len(dead):
+        picks = torch.randint(len(latents), (len(dead),), generator=generator)
+        vq.quantize.embedding.weight[dead] = latents[picks].to(vq.quantize.embedding.weight.dtype)
+    return len(dead)
+
+
+def train_vq(images_dir: str | Path, out_dir: str | Path, checkpoint: str | Path, config: VQTrainConfig,
+             heldout_dir: str | Path | None = None) -> dict:
+    """Train, save with `save_pretrained` (safetensors) into `out_dir` with loss.csv / loss.png /
+    metrics.json / reconstructions.png, and return the metrics. Resumes from `checkpoint` if present."""
+    torch.manual_seed(config.seed)
+    vq = JanusVQVAE(vq_config(config))
+    optimizer = torch.optim.Adam(vq.parameters(), lr=config.lr, betas=(0.5, 0.9))
+    images = read_images(images_dir)
+    usage = torch.zeros(config.codebook_size, dtype=torch.long)
+    log, start, seconds = LossLog(), 0, 0.0
+    state = load_checkpoint(checkpoint)
+    if state is not None:
+        if state["config"] != asdict(config):
+            raise ValueError(f"checkpoint {checkpoint} was written with another config; delete it to start over")
+        vq.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        usage, log, start, seconds = state["usage"], LossLog(state["log"]), state["step"], state["seconds"]
+    vq.train()
+    started = time.perf_counter() - seconds
+    progress = tqdm(range(start, config.steps), desc="train VQ", unit="step", initial=start, total=config.steps,
+                    mininterval=5)
+    for step in progress:
+        x = to_model_input(images[batch_indices(len(images), config.batch_size, step, config.seed)])
+        loss, logged, indices = train_step(vq, x, config.beta, config.bf16)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        usage += torch.bincount(indices.flatten(), minlength=config.codebook_size)
+        if (step + 1) % config.restart_every == 0:
+            with torch.no_grad():
+                latents = encode_latents(vq, x, l2_normalized=True).reshape(-1, config.embed_dim)
+            logged["restarted"] = restart_dead_codes(vq, usage, latents, step_generator(config.seed, step))
+            usage.zero_()
+        log.add(step, **{k: v for k, v in logged.items() if k != "restarted"})
+        progress.set_postfix(loss=f"{logged['loss']:.3f}", psnr=f"{logged['psnr']:.1f}")
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+            save_checkpoint(checkpoint, {"config": asdict(config), "model": vq.state_dict(),
+                                         "optimizer": optimizer.state_dict(), "usage": usage, "log": log.rows,
+                                         "step": step + 1, "seconds": time.perf_counter() - started})
+    seconds = time.perf_counter() - started
+    vq.eval()
+    out_dir = Path(out_dir)
+    vq.save_pretrained(out_dir)
+    log.write_csv(out_dir / "loss.csv")
+    log.plot(out_dir / "loss.png", "Shapes VQ training")
+    metrics = {"steps": config.steps, "train_seconds": round(seconds, 1), "final_loss": log.rows[-1]["loss"],
+               "train_psnr_last100": float(np.mean([r["psnr"] for r in log.rows[-100:]])), "config": asdict(config)}
+    if heldout_dir is not None:
+        heldout = read_images(heldout_dir, limit=500)
+        metrics["heldout_psnr"] = reconstruction_psnr(vq, heldout)
+        metrics["heldout_images"] = len(heldout)
+        metrics["codes_used_heldout"] = int(encode_images(vq, to_model_input(heldout)).unique().numel())
+        save_reconstructions(vq, heldout[:16], out_dir / "reconstructions.png")
+    write_json_atomic(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+@torch.no_grad()
+def save_reconstructions(vq: JanusVQVAE, images: torch.Tensor, path: Path) -> None:
+    """Originals (top row) above their reconstructions (bottom row), 2x upscaled."""
+    x = to_model_input(images)
+    rebuilt = decode_tokens(vq, encode_images(vq, x))
+    rows = [((t.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8) for t in (x, rebuilt)]
+    grid = torch.cat([torch.cat(list(r), dim=1) for r in rows], dim=0).numpy()
+    image = Image.fromarray(grid)
+    image.resize((image.width * 2, image.height * 2), Image.NEAREST).save(path)

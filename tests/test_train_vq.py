@@ -1,0 +1,63 @@
+"""Shapes VQ training: the loss falls, and a killed run resumed from its checkpoint ends with the same weights."""
+
+import pytest
+import torch
+from transformers import JanusVQVAE
+
+import arrag.training.vq as vq_training
+from arrag.shapes.dataset import ShapesConfig, write_split
+from arrag.training.vq import VQTrainConfig, train_vq
+
+TINY = VQTrainConfig(image_size=16, grid=4, codebook_size=16, base_channels=32, channel_multiplier=(1, 1, 1),
+                     latent_channels=32, steps=8, batch_size=4, lr=2e-3, restart_every=4, checkpoint_every=3)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vq") / "db"
+    write_split(folder, "database", 24, ShapesConfig(image_size=16))
+    return folder
+
+
+def test_training_saves_a_loadable_model_and_the_loss_falls(images, tmp_path):
+    config = VQTrainConfig(**{**TINY.__dict__, "steps": 20})
+    metrics = train_vq(images, tmp_path / "vq", tmp_path / "vq.pt", config, heldout_dir=images)
+    rows = (tmp_path / "vq" / "loss.csv").read_text().splitlines()
+    assert len(rows) == 21
+    losses = [float(r.split(",")[1]) for r in rows[1:]]
+    assert sum(losses[-4:]) < sum(losses[:4])
+    assert (tmp_path / "vq" / "loss.png").is_file() and (tmp_path / "vq" / "reconstructions.png").is_file()
+    loaded = JanusVQVAE.from_pretrained(tmp_path / "vq")
+    assert loaded.config.num_embeddings == 16
+    assert metrics["heldout_psnr"] > 5
+
+
+def test_resume_after_a_kill_gives_the_same_weights(images, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    train_vq(images, straight, tmp_path / "straight.pt", TINY)
+
+    real_step, calls = vq_training.train_step, []
+
+    def dying_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # killed during step 4, after the checkpoint of step 3
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(vq_training, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_vq(images, tmp_path / "resumed", tmp_path / "resumed.pt", TINY)
+    monkeypatch.setattr(vq_training, "train_step", real_step)
+    assert torch.load(tmp_path / "resumed.pt", weights_only=True)["step"] == 3
+    train_vq(images, tmp_path / "resumed", tmp_path / "resumed.pt", TINY)
+
+    a = JanusVQVAE.from_pretrained(straight).state_dict()
+    b = JanusVQVAE.from_pretrained(tmp_path / "resumed").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (straight / "loss.csv").read_text() == (tmp_path / "resumed" / "loss.csv").read_text()
+
+
+def test_checkpoint_of_another_config_is_refused(images, tmp_path):
+    train_vq(images, tmp_path / "a", tmp_path / "a.pt", TINY)
+    with pytest.raises(ValueError, match="another config"):
+        train_vq(images, tmp_path / "b", tmp_path / "a.pt", VQTrainConfig(**{**TINY.__dict__, "lr": 1e-3}))
