@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# pytorchfwd (FWD parity tests only) pins an old scipy: installed without its dependencies.
+	$(BIN)/python -m pip install --quiet --no-deps pytorchfwd==1.0.1 ptwt==0.1.8
 	touch $(STAMP)
 
 install: $(STAMP)
