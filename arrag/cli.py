@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from arrag import __version__
+from evaluators.io import write_json_atomic
 
 
 def cmd_shapes_world(args: argparse.Namespace) -> None:
@@ -37,6 +38,48 @@ def cmd_train_vq(args: argparse.Namespace) -> None:
     metrics = train_vq(args.images, args.out, args.checkpoint, config, heldout_dir=args.heldout)
     print(f"held-out PSNR {metrics.get('heldout_psnr', float('nan')):.2f} dB after {metrics['steps']} steps "
           f"({metrics['train_seconds']:.0f} s)")
+
+
+def cmd_train_lm(args: argparse.Namespace) -> None:
+    from arrag.training.lm import LMTrainConfig, train_lm
+
+    config = LMTrainConfig(hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads,
+                           intermediate_size=args.intermediate_size, steps=args.steps, batch_size=args.batch_size,
+                           lr=args.lr, caption_dropout=args.caption_dropout, seed=args.seed)
+    metrics = train_lm(args.images, args.vq, args.out, args.checkpoint, config)
+    print(f"final loss {metrics['final_loss_last50']:.3f} after {metrics['steps']} steps "
+          f"({metrics['train_seconds']:.0f} s, {metrics['trainable_parameters']} trainable parameters)")
+
+
+METHODS_NOT_YET = {"daid": "DAiD generation (DAiD issue)", "faid": "FAiD generation (FAiD issue)",
+                   "racm3": "RA-CM3 generation (RA-CM3 issue)"}
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from arrag.generate import gather_records, generate_shard
+
+    if args.gather:
+        record = gather_records(args.shard_records, args.record, args.images)
+        print(f"{record['images']} images, {record['generation_seconds']:.1f} s of generation")
+        return 0
+    if args.method in METHODS_NOT_YET:
+        print(f"not implemented yet: {METHODS_NOT_YET[args.method]}", file=sys.stderr)
+        return 3
+    import torch
+
+    from arrag.models.janus import SamplingConfig, load_backbone
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    backbone = load_backbone(args.backbone, revision=args.revision or None, device=device)
+    sampling = SamplingConfig(cfg_weight=args.cfg_weight, temperature=args.temperature, top_k=args.top_k or None,
+                              top_p=args.top_p if args.top_p < 1 else None)
+    record = generate_shard(backbone, args.benchmark, args.prompts, args.images, args.shard, args.shards, args.seed,
+                            sampling, args.micro_batch, args.samples_per_prompt, args.ablation_subset, args.method,
+                            args.variant)
+    write_json_atomic(args.record, record)
+    print(f"shard {args.shard}/{args.shards}: {record['images_generated']} generated, "
+          f"{record['images_skipped']} already there, {record['generation_seconds']:.1f} s")
+    return 0
 
 
 def cmd_stages(args: argparse.Namespace) -> None:
@@ -81,6 +124,46 @@ def _add_train_vq(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+def _add_train_lm(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", required=True, type=Path, help="train split folder (images + annotations)")
+    parser.add_argument("--vq", required=True, type=Path, help="trained Shapes VQ folder")
+    parser.add_argument("--out", required=True, type=Path, help="backbone folder to write (save_pretrained)")
+    parser.add_argument("--checkpoint", required=True, type=Path, help="resumable checkpoint file (kept on failure)")
+    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--num-layers", type=int, default=4)
+    parser.add_argument("--num-heads", type=int, default=4)
+    parser.add_argument("--intermediate-size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--caption-dropout", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _add_generate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--benchmark", choices=["geneval", "dpg", "mjhq", "mjhq_ablation"])
+    parser.add_argument("--prompts", type=Path, help="GenEval metadata jsonl, DPG prompt folder or MJHQ meta_data.json")
+    parser.add_argument("--method", default="vanilla", choices=["vanilla", "racm3", "daid", "faid"])
+    parser.add_argument("--variant", default="default", help="ablation cell or 'default' / 'selected'")
+    parser.add_argument("--backbone", help="hub id or local folder of the backbone")
+    parser.add_argument("--revision", default="", help="pinned hub revision (empty: none)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--shard", type=int, default=0)
+    parser.add_argument("--shards", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cfg-weight", type=float, default=5.0)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k most probable tokens (0: off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    parser.add_argument("--micro-batch", type=int, default=16, help="images decoded together (fixed per run)")
+    parser.add_argument("--samples-per-prompt", type=int, default=4, help="GenEval samples per prompt")
+    parser.add_argument("--ablation-subset", type=int, default=0, help="mjhq_ablation: number of prompts")
+    parser.add_argument("--images", required=True, type=Path, help="output image folder (shared by the shards)")
+    parser.add_argument("--record", required=True, type=Path, help="provenance record (JSON) to write")
+    parser.add_argument("--gather", action="store_true", help="merge the shard records given as arguments")
+    parser.add_argument("shard_records", nargs="*", type=Path, help="with --gather: the shard records")
+
+
 def _no_arguments(parser: argparse.ArgumentParser) -> None:
     return None
 
@@ -97,8 +180,8 @@ COMMANDS = {
               "data acquisition (Paper-scale issue)", _no_arguments),
     "train-vq": (cmd_train_vq, "train the Shapes VQ tokenizer (a tiny JanusVQVAE)",
                  "Shapes VQ training (Backbones issue)", _add_train_vq),
-    "train-lm": (None, "train the Shapes Janus language model", "Shapes backbone training (Backbones issue)",
-                 _no_arguments),
+    "train-lm": (cmd_train_lm, "train the Shapes Janus language model over the Shapes VQ",
+                 "Shapes backbone training (Backbones issue)", _add_train_lm),
     "train-clip": (None, "train the Shapes CLIP", "Shapes CLIP (RA-CM3 issue)", _no_arguments),
     "encode-patches": (None, "encode one shard of database images into patch keys and values",
                        "patch database (Patch database issue)", _no_arguments),
@@ -114,8 +197,8 @@ COMMANDS = {
     "finetune-faid": (None, "fine-tune FAiD blenders (and LoRA)", "FAiD fine-tuning (FAiD issue)", _no_arguments),
     "finetune-racm3": (None, "fine-tune the backbone with prepended retrieved images",
                        "RA-CM3 fine-tuning (RA-CM3 issue)", _no_arguments),
-    "generate": (None, "generate one shard of a benchmark with one method", "generation (Backbones issue)",
-                 _no_arguments),
+    "generate": (cmd_generate, "generate one shard of a benchmark with one method, or --gather the shards",
+                 "generation (Backbones issue)", _add_generate),
     "select": (None, "pick ablation values with the lowest FID", "hyperparameter selection (DAiD issue)",
                _no_arguments),
     "tables": (None, "render Tables 1-4 and Figure 7 from result records", "tables (Paper-scale issue)",
@@ -143,8 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.function(args)
-    return 0
+    return args.function(args) or 0
 
 
 if __name__ == "__main__":

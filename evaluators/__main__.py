@@ -2,6 +2,8 @@
 
 Each metric module provides ``add_arguments(parser)`` and ``run(args) -> dict`` returning the
 keyword arguments of :func:`evaluators.record.make_record` except ``seed`` and ``config_hash``.
+Only the chosen metric's module is imported, so GenEval and DPG-Bench run in their own environments
+(mmdet, modelscope) without the packages the other metrics need.
 """
 
 from __future__ import annotations
@@ -23,35 +25,31 @@ METRICS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m evaluators", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="metric", required=True, metavar="METRIC")
-    for name, (module_name, help_text) in METRICS.items():
-        metric_parser = sub.add_parser(name, help=help_text, description=help_text)
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name != module_name:
-                raise
-            metric_parser.set_defaults(missing=f"not implemented yet: evaluator {name}")
-            continue
-        module.add_arguments(metric_parser)
-        metric_parser.add_argument("--json", action="store_true", help="print the record to stdout")
-        metric_parser.add_argument("--out", help="write the record to this file (atomically)")
-        metric_parser.add_argument("--seed", type=int, help="seed to record (generation seed)")
-        metric_parser.add_argument("--config-hash", help="config hash to record")
-        metric_parser.set_defaults(module=module)
+def metric_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of one metric, built from its module."""
+    module_name, help_text = METRICS[name]
+    parser = argparse.ArgumentParser(prog=f"python -m evaluators {name}", description=help_text)
+    module = importlib.import_module(module_name)
+    module.add_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print the record to stdout (default without --out)")
+    parser.add_argument("--out", help="write the record to this file (atomically)")
+    parser.add_argument("--seed", type=int, help="seed to record (generation seed)")
+    parser.add_argument("--config-hash", help="config hash to record")
+    parser.set_defaults(module=module)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "missing", None):
-        print(args.missing, file=sys.stderr)
-        return 2
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in METRICS:
+        usage = "\n".join(f"  {name:<8} {help_text}" for name, (_, help_text) in METRICS.items())
+        print(f"usage: python -m evaluators METRIC ...   (METRIC --help for its options)\n\nmetrics:\n{usage}",
+              file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    args = metric_parser(argv[0]).parse_args(argv[1:])
     if not (args.json or args.out):
         args.json = True
-    record = make_record(args.metric, **args.module.run(args), seed=args.seed, config_hash=args.config_hash)
+    record = make_record(argv[0], **args.module.run(args), seed=args.seed, config_hash=args.config_hash)
     if args.out:
         write_json_atomic(args.out, record)
     if args.json:

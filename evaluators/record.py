@@ -84,5 +84,6 @@ def make_record(
         "git_commit": git_commit(),
         "seed": seed,
         "config_hash": config_hash,
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        # timezone.utc rather than datetime.UTC: the geneval and dpg environments run Python 3.10
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017
     }

@@ -17,6 +17,10 @@ rule generate:
         cfg=config["sampling"]["cfg_weight"],
         temperature=config["sampling"]["temperature"],
         micro_batch=config["sampling"]["micro_batch"],
+        top_k=config["sampling"]["top_k"] or 0,
+        top_p=config["sampling"]["top_p"] or 1.0,
+        device=config["device"],
+        revision=config["backbone"]["revision"] or "",
         samples=config["benchmarks"]["geneval"]["samples_per_prompt"],
         subset=config["benchmarks"]["mjhq"]["ablation_subset"],
     resources:
@@ -28,7 +32,8 @@ rule generate:
     shell:
         "python -m arrag.cli generate --benchmark {wildcards.bench} --prompts {params.prompts:q} --method {wildcards.method}"
         " --variant {wildcards.variant} --backbone {input.backbone:q} --shard {wildcards.shard}"
-        " --shards {params.shards} --seed {params.seed} --cfg-weight {params.cfg} --temperature {params.temperature}"
+        " --revision {params.revision:q} --device {params.device} --shards {params.shards} --seed {params.seed}"
+        " --cfg-weight {params.cfg} --temperature {params.temperature} --top-k {params.top_k} --top-p {params.top_p}"
         " --micro-batch {params.micro_batch} --samples-per-prompt {params.samples} --ablation-subset {params.subset}"
         " --images {params.images:q} --record {output:q} > {log:q} 2>&1"
 
@@ -41,10 +46,14 @@ rule gather_generation:
             shard=range(config["sampling"]["shards"][wc.bench]),
         ),
     output:
-        f"{R}/generated/{{bench}}/{{method}}/{{variant}}/record.json",
+        record=f"{R}/generated/{{bench}}/{{method}}/{{variant}}/record.json",
+        grid=f"{R}/generated/{{bench}}/{{method}}/{{variant}}/sample_grid.png",
+    params:
+        images=lambda wc: f"{R}/generated/{wc.bench}/{wc.method}/{wc.variant}/images",
     conda:
         MAIN_ENV
     log:
         f"{LOGS}/gather_generation/{{bench}}/{{method}}/{{variant}}.log",
     shell:
-        "python -m arrag.cli generate --gather --record {output:q} {input:q} > {log:q} 2>&1"
+        "python -m arrag.cli generate --gather --record {output.record:q} --images {params.images:q} {input:q}"
+        " > {log:q} 2>&1"

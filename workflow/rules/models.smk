@@ -35,13 +35,27 @@ rule train_shapes_lm:
         vq=f"{R}/models/vq",
     output:
         directory(f"{R}/models/backbone"),
+    params:
+        checkpoint=f"{R}/checkpoints/lm.pt",
+        steps=config["shapes_models"]["lm"]["steps"],
+        batch_size=config["shapes_models"]["lm"]["batch_size"],
+        lr=config["shapes_models"]["lm"]["lr"],
+        hidden=config["shapes_models"]["lm"]["hidden_size"],
+        layers=config["shapes_models"]["lm"]["num_layers"],
+        heads=config["shapes_models"]["lm"]["num_heads"],
+        ffn=config["shapes_models"]["lm"]["intermediate_size"],
+        dropout=config["shapes_models"]["lm"]["caption_dropout"],
+        seed=config["seed"],
     threads: 2
     conda:
         MAIN_ENV
     log:
         f"{LOGS}/train_shapes_lm.log",
     shell:
-        "python -m arrag.cli train-lm --images {input.images:q} --vq {input.vq:q} --out {output:q} > {log:q} 2>&1"
+        "python -m arrag.cli train-lm --images {input.images:q} --vq {input.vq:q} --out {output:q}"
+        " --checkpoint {params.checkpoint:q} --steps {params.steps} --batch-size {params.batch_size} --lr {params.lr}"
+        " --hidden-size {params.hidden} --num-layers {params.layers} --num-heads {params.heads}"
+        " --intermediate-size {params.ffn} --caption-dropout {params.dropout} --seed {params.seed} > {log:q} 2>&1"
 
 
 rule train_shapes_clip:
