@@ -7,6 +7,7 @@ A subcommand whose capability has not landed yet is listed with its help text an
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -40,6 +41,13 @@ def cmd_train_vq(args: argparse.Namespace) -> None:
           f"({metrics['train_seconds']:.0f} s)")
 
 
+def cmd_vq_reconstruct(args: argparse.Namespace) -> None:
+    from arrag.training.vq import reconstruct_split
+
+    count = reconstruct_split(args.vq, args.split, args.out, args.limit)
+    print(f"{count} reconstructions in {args.out}")
+
+
 def cmd_train_lm(args: argparse.Namespace) -> None:
     from arrag.training.lm import LMTrainConfig, train_lm
 
@@ -51,8 +59,52 @@ def cmd_train_lm(args: argparse.Namespace) -> None:
           f"({metrics['train_seconds']:.0f} s, {metrics['trainable_parameters']} trainable parameters)")
 
 
-METHODS_NOT_YET = {"daid": "DAiD generation (DAiD issue)", "faid": "FAiD generation (FAiD issue)",
-                   "racm3": "RA-CM3 generation (RA-CM3 issue)"}
+def cmd_train_clip(args: argparse.Namespace) -> None:
+    from arrag.training.clip import ClipTrainConfig, train_clip
+
+    config = ClipTrainConfig(image_size=args.image_size, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                             seed=args.seed)
+    metrics = train_clip(args.images, args.out, args.checkpoint, config, heldout_dir=args.heldout)
+    crops = metrics.get("zero_shot", {}).get("crops", {})
+    print(f"zero-shot on held-out crops: colour {crops.get('color', float('nan')):.3f}, shape "
+          f"{crops.get('shape', float('nan')):.3f} after {metrics['steps']} steps ({metrics['train_seconds']:.0f} s)")
+
+
+def cmd_build_clip_index(args: argparse.Namespace) -> None:
+    from arrag.clip import ClipSpec, build_clip_index, load_clip_encoder
+
+    spec = ClipSpec(args.model or None, args.pretrained or None,
+                    str(args.model_config) if args.model_config else None)
+    meta = build_clip_index(args.images, args.out, load_clip_encoder(spec, _device(args.device)), args.batch_size,
+                            args.num_workers)
+    print(f"{meta['n']} images, {meta['dim']}-d {meta['clip']['model']} embeddings in {args.out}")
+
+
+def cmd_finetune_racm3(args: argparse.Namespace) -> None:
+    from arrag.racm3 import RACM3Config, finetune_racm3
+    from arrag.training.finetune import FinetuneConfig
+
+    tuning = FinetuneConfig(epochs=args.epochs, global_batch=args.global_batch, micro_batch=args.micro_batch,
+                            lr=args.lr, warmup_fraction=args.warmup_fraction, lora_rank=args.lora_rank,
+                            lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                            train_generation_head=not args.freeze_generation_head, seed=args.seed)
+    config = RACM3Config(top_n=args.top_n, caption_dropout=args.caption_dropout, finetune=tuning)
+    metrics = finetune_racm3(args.backbone, args.images, args.clip_index, args.out, args.checkpoint, config,
+                             _device(args.device), args.revision or None)
+    print(f"loss {metrics['loss_first']:.3f} -> {metrics['loss_last']:.3f} in {metrics['optimizer_steps']} steps "
+          f"({metrics['train_seconds']:.0f} s)")
+    if "retrieval" in metrics:
+        print(f"retrieval top-1 shows the caption's objects: {metrics['retrieval']['top1_objects']:.3f} "
+              f"(chance {metrics['retrieval']['chance_objects']:.3f})")
+
+
+def _device(name: str) -> str:
+    import torch
+
+    return name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+METHODS_NOT_YET = {"faid": "FAiD generation (FAiD issue)"}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -65,21 +117,159 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.method in METHODS_NOT_YET:
         print(f"not implemented yet: {METHODS_NOT_YET[args.method]}", file=sys.stderr)
         return 3
-    import torch
-
     from arrag.models.janus import SamplingConfig, load_backbone
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args.device)
     backbone = load_backbone(args.backbone, revision=args.revision or None, device=device)
     sampling = SamplingConfig(cfg_weight=args.cfg_weight, temperature=args.temperature, top_k=args.top_k or None,
                               top_p=args.top_p if args.top_p < 1 else None)
+    method_inputs, method_settings = None, None
+    if args.method == "racm3":
+        from arrag.racm3 import load_racm3
+
+        if not (args.weights and args.clip_index):
+            raise SystemExit("--method racm3 needs --weights (finetune-racm3 output) and --clip-index")
+        retriever, method_settings = load_racm3(backbone, args.weights, args.clip_index, device)
+
+        def method_inputs(prompts: list[str]) -> dict:
+            return {"prefix_image_tokens": retriever(prompts)}
+    if args.method == "daid":
+        from arrag.daid import DAiDHook, DAiDSettings, load_index_for, parse_variant
+
+        if not args.index:
+            raise SystemExit("--method daid needs --index (the patch index)")
+        values = parse_variant(args.variant, args.selection)
+        settings = DAiDSettings(k=args.daid_k, tau=float(values["tau"]), lam=float(values["lam"]))
+        hook = DAiDHook(load_index_for(backbone.vq, args.index), settings)
+        method_settings = {"k": settings.k, "tau": settings.tau, "lam": settings.lam, "unique": settings.unique,
+                           "index": str(args.index)}
+
+        def method_inputs(prompts: list[str]) -> dict:
+            return {"prob_hook": hook}
+
     record = generate_shard(backbone, args.benchmark, args.prompts, args.images, args.shard, args.shards, args.seed,
                             sampling, args.micro_batch, args.samples_per_prompt, args.ablation_subset, args.method,
-                            args.variant)
+                            args.variant, method_inputs, method_settings)
     write_json_atomic(args.record, record)
     print(f"shard {args.shard}/{args.shards}: {record['images_generated']} generated, "
           f"{record['images_skipped']} already there, {record['generation_seconds']:.1f} s")
     return 0
+
+
+def cmd_select(args: argparse.Namespace) -> None:
+    from arrag.select import parse_cell, write_selection
+
+    pinned = parse_cell("_".join(args.pin)) if args.pin else None
+    record = write_selection(args.method, args.fid_records, args.out, pinned)
+    how = "pinned by the config" if record["pinned"] else f"lowest FID {record['fid']:.3f}"
+    print(f"{args.method}: {record['values']} ({how})")
+
+
+def cmd_tables(args: argparse.Namespace) -> None:
+    from arrag.tables import RunSpec, render_tables
+
+    methods = dict(pair.split("=", 1) for pair in args.method)
+    run = RunSpec(args.run_dir, args.scale, methods, (tuple(args.daid_lam), tuple(args.daid_tau)),
+                  (tuple(args.faid_hops), tuple(args.faid_m)), args.reported)
+    render_tables(run, args.out_dir)
+    print(f"tables and figures in {args.out_dir} (index: {args.out_dir / 'README.md'})")
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    import json
+
+    from arrag import fetch
+
+    try:
+        if args.what == "benchmark":
+            spec = fetch.RepoSpec.from_config(json.loads(args.spec), args.key)
+            manifest = fetch.fetch_benchmark(spec, args.out, args.cache, args.allow_unpinned)
+        elif args.what == "backbone":
+            manifest = fetch.fetch_backbone(args.repo, args.revision or None, args.out, args.cache,
+                                            args.allow_unpinned)
+        else:
+            specs = [fetch.DatasetSpec.from_config(entry, f"{args.key}[{i}]")
+                     for i, entry in enumerate(json.loads(args.spec))]
+            sources = fetch.fetch_datasets(specs, args.role, args.out, args.cache, args.subsample, args.seed,
+                                           args.allow_unpinned)
+            print(f"{args.role}: {', '.join(s['name'] for s in sources)} in {args.out}")
+            return 0
+    except fetch.FetchError as err:
+        print(f"fetch failed: {err}", file=sys.stderr)
+        return 2
+    for name, source in manifest.sources.items():
+        print(f"{name}: {len(source['files'])} files of {source['repo']} at {source['revision']} in {args.out}")
+    return 0
+
+
+def _key_spec(args: argparse.Namespace):
+    from arrag.patchdb.neighbourhood import KeySpec
+
+    return KeySpec(args.neighbourhood, args.hops, args.key_space, args.edge_policy)
+
+
+def cmd_exclusion_list(args: argparse.Namespace) -> None:
+    from arrag.patchdb.sources import write_exclusions
+
+    exclusions = write_exclusions(args.out, args.folders)
+    print(f"{len(exclusions.ids)} ids and {len(exclusions.sha256)} image hashes excluded from the patch database")
+
+
+def cmd_encode_patches(args: argparse.Namespace) -> None:
+    from arrag.patchdb.encode import encode_shard, load_vq
+    from arrag.patchdb.sources import Exclusions, read_sources
+
+    vq = load_vq(args.vq, revision=args.revision or None).to(_device(args.device))
+    meta = encode_shard(vq, read_sources(args.images), args.shard, args.shards, _key_spec(args),
+                        Exclusions.read(args.exclusions), args.out, args.batch_size)
+    for count in meta["sources"]:
+        print(json.dumps(count))
+
+
+def cmd_train_index(args: argparse.Namespace) -> None:
+    from arrag.patchdb.build import IndexParams, train_index
+
+    params = IndexParams(kind=args.type, nlist=args.nlist, pq_m=args.pq_m, pq_bits=args.pq_bits, nprobe=args.nprobe,
+                         train_size=args.train_size, seed=args.seed)
+    layout = train_index(args.shards, args.out, params)
+    print(f"{args.type} index for {layout['patches']} patches of {layout['images']} images in "
+          f"{len(layout['shards'])} shards")
+
+
+def cmd_add_shard(args: argparse.Namespace) -> None:
+    from arrag.patchdb.build import add_shard
+
+    print(f"{add_shard(args.trained, args.shard, args.out)} patches added")
+
+
+def cmd_merge_index(args: argparse.Namespace) -> None:
+    from arrag.patchdb.build import merge_index
+
+    fingerprint = merge_index(args.added, args.shards, args.out, ondisk=args.ondisk)
+    print(json.dumps(fingerprint.to_dict()))
+
+
+def cmd_retrieval_analysis(args: argparse.Namespace) -> None:
+    import torch
+
+    from arrag.models.vq import codebook_vectors
+    from arrag.patchdb.analysis import retrieval_accuracy, write_retrieval_accuracy
+    from arrag.patchdb.encode import encode_images, load_vq, vq_geometry
+    from arrag.patchdb.fingerprint import Fingerprint, read_metadata
+    from arrag.patchdb.index import PatchIndex, metadata_path
+    from arrag.patchdb.sources import read_sources
+
+    vq = load_vq(args.vq, revision=args.revision or None)
+    stored, _ = read_metadata(metadata_path(args.index))
+    expected = Fingerprint.expected(codebook_vectors(vq, normalized=True), vq_geometry(vq)[1], stored.spec)
+    index = PatchIndex.load(args.index, expected=expected)
+    images = [data for source in read_sources(args.images) for _, data in source.read()][:args.limit or None]
+    tokens, _ = encode_images(vq, images, desc="encode held-out images")
+    rows = retrieval_accuracy(index, torch.from_numpy(tokens.astype("int64")), k=args.k, seed=args.seed)
+    write_retrieval_accuracy(rows, args.csv, args.png, title=f"{len(images)} held-out images, "
+                             f"{index.kind} index of {index.ntotal} patches")
+    for row in rows:
+        print(json.dumps(row))
 
 
 def cmd_stages(args: argparse.Namespace) -> None:
@@ -118,10 +308,17 @@ def _add_train_vq(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, type=Path, help="resumable checkpoint file (kept on failure)")
     parser.add_argument("--image-size", type=int, default=64, help="image side; the token grid is a 1/8 of it")
     parser.add_argument("--codebook-size", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=900)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
+
+
+def _add_vq_reconstruct(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vq", required=True, type=Path, help="trained VQ folder")
+    parser.add_argument("--split", required=True, type=Path, help="split folder (images + annotations.jsonl)")
+    parser.add_argument("--out", required=True, type=Path, help="folder for <id>.png reconstructions")
+    parser.add_argument("--limit", type=int, help="first N images only")
 
 
 def _add_train_lm(parser: argparse.ArgumentParser) -> None:
@@ -133,10 +330,55 @@ def _add_train_lm(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-layers", type=int, default=4)
     parser.add_argument("--num-heads", type=int, default=4)
     parser.add_argument("--intermediate-size", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--caption-dropout", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _add_train_clip(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", required=True, type=Path, help="split folder to train on (images, masks, captions)")
+    parser.add_argument("--heldout", type=Path, help="split folder for the zero-shot colour / shape accuracies")
+    parser.add_argument("--out", required=True, type=Path, help="model folder to write (open_clip checkpoint)")
+    parser.add_argument("--checkpoint", required=True, type=Path, help="resumable checkpoint file (kept on failure)")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _add_build_clip_index(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", required=True, type=Path, help="database images (a split folder or image tree)")
+    parser.add_argument("--model", default="", help="open_clip architecture (empty: the --model-config file stem)")
+    parser.add_argument("--pretrained", default="", help="open_clip pretrained tag or checkpoint file")
+    parser.add_argument("--model-config", type=Path, help="open_clip config JSON of a custom architecture")
+    parser.add_argument("--out", required=True, type=Path, help="index folder to write")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-workers", type=int, default=0, help="image decoding workers")
+
+
+def _add_finetune_racm3(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbone", required=True, help="hub id or local folder of the backbone")
+    parser.add_argument("--revision", default="", help="pinned hub revision (empty: none)")
+    parser.add_argument("--images", required=True, type=Path, help="fine-tuning split (images + annotations.jsonl)")
+    parser.add_argument("--clip-index", required=True, type=Path, help="build-clip-index output")
+    parser.add_argument("--out", required=True, type=Path, help="weights folder to write")
+    parser.add_argument("--checkpoint", required=True, type=Path, help="resumable checkpoint folder")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--top-n", type=int, default=1, help="retrieved images per prompt")
+    parser.add_argument("--caption-dropout", type=float, default=0.1)
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--global-batch", type=int, default=256)
+    parser.add_argument("--micro-batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--warmup-fraction", type=float, default=0.1)
+    parser.add_argument("--lora-rank", type=int, default=128, help="0: no LoRA")
+    parser.add_argument("--lora-alpha", type=int, default=256)
+    parser.add_argument("--lora-dropout", type=float, default=0.05)
+    parser.add_argument("--freeze-generation-head", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -160,8 +402,122 @@ def _add_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ablation-subset", type=int, default=0, help="mjhq_ablation: number of prompts")
     parser.add_argument("--images", required=True, type=Path, help="output image folder (shared by the shards)")
     parser.add_argument("--record", required=True, type=Path, help="provenance record (JSON) to write")
+    parser.add_argument("--weights", type=Path, help="fine-tuned weights folder (RA-CM3, FAiD)")
+    parser.add_argument("--clip-index", type=Path, help="RA-CM3: build-clip-index output")
+    parser.add_argument("--index", type=Path, help="DAiD / FAiD: the patch index")
+    parser.add_argument("--selection", type=Path, help="DAiD / FAiD: the selected ablation values")
+    parser.add_argument("--daid-k", type=int, default=2048, help="DAiD: retrieved patches per step")
     parser.add_argument("--gather", action="store_true", help="merge the shard records given as arguments")
     parser.add_argument("shard_records", nargs="*", type=Path, help="with --gather: the shard records")
+
+
+def _add_fetch(parser: argparse.ArgumentParser) -> None:
+    what = parser.add_subparsers(dest="what", required=True, metavar="WHAT")
+    benchmark = what.add_parser("benchmark", help="a benchmark's files from GitHub or Hugging Face (pinned)")
+    benchmark.add_argument("--spec", required=True, help="JSON of one resources.benchmarks entry")
+    backbone = what.add_parser("backbone", help="a Hugging Face model snapshot (pinned)")
+    backbone.add_argument("--repo", required=True, help="hub id, e.g. deepseek-community/Janus-Pro-1B")
+    backbone.add_argument("--revision", default="", help="pinned commit (empty: not pinned)")
+    datasets = what.add_parser("datasets", help="the image datasets of the patch database or of fine-tuning")
+    datasets.add_argument("--spec", required=True, help="JSON list of resources.datasets entries")
+    datasets.add_argument("--role", required=True, choices=["database", "finetune"])
+    datasets.add_argument("--subsample", type=float, default=1.0, help="fraction of files and images (default 1)")
+    datasets.add_argument("--seed", type=int, default=0, help="seed of the file subsample")
+    for sub in (benchmark, backbone, datasets):
+        sub.add_argument("--out", required=True, type=Path, help="destination folder")
+        sub.add_argument("--cache", type=Path, default=Path("resources/.cache"),
+                         help="download cache, kept across runs (default resources/.cache)")
+        sub.add_argument("--key", default="resources", help="config key of the spec, named in errors")
+        sub.add_argument("--allow-unpinned", action="store_true", help="download a null revision at the current "
+                         "commit (recorded in the manifest) instead of failing")
+
+
+def _add_tables(parser: argparse.ArgumentParser) -> None:
+    from arrag.tables import REPORTED_DIR
+
+    parser.add_argument("--run-dir", required=True, type=Path, help="run folder (results/<run_name>)")
+    parser.add_argument("--out-dir", required=True, type=Path, help="folder for the tables, figures and README.md")
+    parser.add_argument("--scale", required=True, choices=["shapes", "paper"])
+    parser.add_argument("--method", action="append", default=[], metavar="METHOD=VARIANT",
+                        help="a method of the run and the variant of its main-table records (repeat)")
+    parser.add_argument("--daid-lam", nargs="*", default=[], help="DAiD ablation grid: lambda values")
+    parser.add_argument("--daid-tau", nargs="*", default=[], help="DAiD ablation grid: tau values")
+    parser.add_argument("--faid-hops", nargs="*", default=[], help="FAiD ablation grid: hop levels")
+    parser.add_argument("--faid-m", nargs="*", default=[], help="FAiD ablation grid: numbers of blenders")
+    parser.add_argument("--reported", type=Path, default=REPORTED_DIR, help="the paper's numbers (CSV folder)")
+
+
+def _add_key_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--neighbourhood", default="L", choices=["L", "O"], help="L: causal; O: all around")
+    parser.add_argument("--hops", default="1", help="key hop levels, e.g. 1 or 12 (default 1)")
+    parser.add_argument("--key-space", default="codebook", choices=["codebook", "latent"])
+    parser.add_argument("--edge-policy", default="zero", choices=["zero", "skip"],
+                        help="zero: missing neighbours are zero vectors (paper); skip: no key at the edges (official)")
+
+
+def _add_exclusion_list(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, type=Path, help="exclusion list (JSON: ids and sha256) to write")
+    parser.add_argument("folders", nargs="+", type=Path, help="image folders to exclude (benchmarks, fine-tuning)")
+
+
+def _add_encode_patches(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", required=True, type=Path,
+                        help="database folder: a Shapes split or a folder with sources.json (arrag fetch)")
+    parser.add_argument("--vq", required=True, help="JanusVQVAE or Janus backbone folder / hub id")
+    parser.add_argument("--revision", default="", help="pinned hub revision of --vq (empty: none)")
+    parser.add_argument("--shard", required=True, type=int)
+    parser.add_argument("--shards", required=True, type=int)
+    parser.add_argument("--exclusions", type=Path, help="exclusion list written by `arrag exclusion-list`")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--out", required=True, type=Path, help="shard file (.npz) to write")
+    _add_key_options(parser)
+
+
+def _add_train_index(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--type", default="tokens", choices=["flat", "ivfpq", "tokens"])
+    parser.add_argument("--nlist", type=int, default=0, help="inverted lists (0: ivfpq 4 sqrt(P), tokens sqrt(P))")
+    parser.add_argument("--pq-m", type=int, default=8, help="ivfpq OPQ / PQ sub-quantisers (official: 8)")
+    parser.add_argument("--pq-bits", type=int, default=8, help="ivfpq bits per sub-quantiser code (official: 8)")
+    parser.add_argument("--nprobe", type=int, default=0, help="lists visited per query (0: ivfpq 32 as official, "
+                        "tokens 16)")
+    parser.add_argument("--train-size", type=int, default=0, help="training keys (0: ivfpq 100 x nlist, tokens 40)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, type=Path, help="trained index to write (+ .json)")
+    parser.add_argument("shards", nargs="+", type=Path, help="every shard file of the database")
+
+
+def _add_add_shard(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trained", required=True, type=Path, help="trained index (train-index)")
+    parser.add_argument("--shard", required=True, type=Path, help="shard file (encode-patches)")
+    parser.add_argument("--out", required=True, type=Path, help="index of this shard to write (+ .json)")
+
+
+def _add_merge_index(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--added", required=True, nargs="+", type=Path, help="per-shard indexes (add-shard)")
+    parser.add_argument("--shards", required=True, nargs="+", type=Path, help="the shard files (encode-patches)")
+    parser.add_argument("--ondisk", action="store_true", help="ivfpq: inverted lists in <out>.ivfdata (merge_ondisk)")
+    parser.add_argument("--out", required=True, type=Path, help="index to write (+ .json, .values.npz)")
+
+
+def _add_retrieval_analysis(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--index", required=True, type=Path, help="merged patch index")
+    parser.add_argument("--vq", required=True, help="the index's JanusVQVAE or Janus backbone folder / hub id")
+    parser.add_argument("--revision", default="", help="pinned hub revision of --vq (empty: none)")
+    parser.add_argument("--images", required=True, type=Path, help="held-out images (split folder or sources.json)")
+    parser.add_argument("--limit", type=int, default=0, help="at most this many images (0: all)")
+    parser.add_argument("--k", type=int, default=10, help="retrieved tokens per position")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random-token baseline")
+    parser.add_argument("--csv", required=True, type=Path)
+    parser.add_argument("--png", required=True, type=Path)
+
+
+def _add_select(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", required=True, choices=["daid", "faid"])
+    parser.add_argument("--out", required=True, type=Path, help="selection record (JSON) to write")
+    parser.add_argument("--pin", action="append", default=[],
+                        help="a value pinned by the config instead of selected, e.g. --pin lam0.3 --pin tau1.0")
+    parser.add_argument("fid_records", nargs="*", type=Path, help="metrics/mjhq_ablation/<method>/<cell>/fid.json")
 
 
 def _no_arguments(parser: argparse.ArgumentParser) -> None:
@@ -176,33 +532,41 @@ COMMANDS = {
                           "Shapes benchmarks (Foundation)", _add_shapes_benchmarks),
     "stages": (cmd_stages, "list every subcommand and whether it is implemented", "status (Foundation)",
                _no_arguments),
-    "fetch": (None, "download pinned datasets, models and benchmark files into resources/",
-              "data acquisition (Paper-scale issue)", _no_arguments),
+    "fetch": (cmd_fetch, "download pinned datasets, models and benchmark files into resources/",
+              "data acquisition (Paper-scale issue)", _add_fetch),
     "train-vq": (cmd_train_vq, "train the Shapes VQ tokenizer (a tiny JanusVQVAE)",
                  "Shapes VQ training (Backbones issue)", _add_train_vq),
+    "vq-reconstruct": (cmd_vq_reconstruct, "decode(encode(x)) of a split's images, for evaluator checks",
+                       "VQ reconstructions (Backbones issue)", _add_vq_reconstruct),
     "train-lm": (cmd_train_lm, "train the Shapes Janus language model over the Shapes VQ",
                  "Shapes backbone training (Backbones issue)", _add_train_lm),
-    "train-clip": (None, "train the Shapes CLIP", "Shapes CLIP (RA-CM3 issue)", _no_arguments),
-    "encode-patches": (None, "encode one shard of database images into patch keys and values",
-                       "patch database (Patch database issue)", _no_arguments),
-    "train-index": (None, "train the FAISS index", "FAISS index (Patch database issue)", _no_arguments),
-    "add-shard": (None, "add one shard of patches to the trained index", "FAISS index (Patch database issue)",
-                  _no_arguments),
-    "merge-index": (None, "merge the per-shard indexes", "FAISS index (Patch database issue)", _no_arguments),
-    "retrieval-analysis": (None, "Figure 6: distance of the k-th retrieved token to the ground truth",
-                           "retrieval analysis (Patch database issue)", _no_arguments),
-    "build-clip-index": (None, "image-level CLIP index for RA-CM3", "RA-CM3 retrieval (RA-CM3 issue)", _no_arguments),
+    "train-clip": (cmd_train_clip, "train the Shapes CLIP (a small open_clip model)", "Shapes CLIP (RA-CM3 issue)",
+                   _add_train_clip),
+    "exclusion-list": (cmd_exclusion_list, "ids and image hashes kept out of the patch database (leakage)",
+                       "patch database (Patch database issue)", _add_exclusion_list),
+    "encode-patches": (cmd_encode_patches, "encode one shard of database images into patch keys and values",
+                       "patch database (Patch database issue)", _add_encode_patches),
+    "train-index": (cmd_train_index, "train the patch index (flat, ivfpq or tokens) on all shards",
+                    "FAISS index (Patch database issue)", _add_train_index),
+    "add-shard": (cmd_add_shard, "add one shard of patches to the trained index", "FAISS index (Patch database issue)",
+                  _add_add_shard),
+    "merge-index": (cmd_merge_index, "merge the per-shard indexes", "FAISS index (Patch database issue)",
+                    _add_merge_index),
+    "retrieval-analysis": (cmd_retrieval_analysis, "Figure 6: distance of the k-th retrieved token to the ground truth",
+                           "retrieval analysis (Patch database issue)", _add_retrieval_analysis),
+    "build-clip-index": (cmd_build_clip_index, "image-level CLIP index for RA-CM3", "RA-CM3 retrieval (RA-CM3 issue)",
+                         _add_build_clip_index),
     "precompute-retrievals": (None, "top-k retrievals for every position of the fine-tuning images",
                               "FAiD training data (FAiD issue)", _no_arguments),
     "finetune-faid": (None, "fine-tune FAiD blenders (and LoRA)", "FAiD fine-tuning (FAiD issue)", _no_arguments),
-    "finetune-racm3": (None, "fine-tune the backbone with prepended retrieved images",
-                       "RA-CM3 fine-tuning (RA-CM3 issue)", _no_arguments),
+    "finetune-racm3": (cmd_finetune_racm3, "fine-tune the backbone with prepended retrieved images",
+                       "RA-CM3 fine-tuning (RA-CM3 issue)", _add_finetune_racm3),
     "generate": (cmd_generate, "generate one shard of a benchmark with one method, or --gather the shards",
                  "generation (Backbones issue)", _add_generate),
-    "select": (None, "pick ablation values with the lowest FID", "hyperparameter selection (DAiD issue)",
-               _no_arguments),
-    "tables": (None, "render Tables 1-4 and Figure 7 from result records", "tables (Paper-scale issue)",
-               _no_arguments),
+    "select": (cmd_select, "pick ablation values with the lowest FID (or the pinned ones)",
+               "hyperparameter selection (DAiD issue)", _add_select),
+    "tables": (cmd_tables, "render Tables 1-4 and Figure 7 from result records", "tables (Paper-scale issue)",
+               _add_tables),
 }
 
 

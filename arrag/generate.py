@@ -7,7 +7,10 @@ shard count nor resuming changes an image: a micro-batch always holds the same i
 micro-batch size may change images through floating-point differences of batched matrix products.)
 
 A micro-batch whose files all exist is skipped; files are written to a temporary name and renamed, so a
-killed job leaves no partial image. Layouts (the official ones):
+killed job leaves no partial image. Each micro-batch's wall time is kept beside the images folder
+(`<images>.timings/<n>.json`, outside it so that the official scripts see only their layout), so a record's
+`generation_seconds` covers every image of the shard even when a rerun reuses them (Table 4 is rendered from
+these records). Layouts (the official ones):
     geneval   <images>/<index:05d>/metadata.jsonl and <images>/<index:05d>/samples/<k:04d>.png
     dpg       <images>/<item_id>.png, a 2x2 grid of 4 samples
     mjhq      <images>/<category>/<id>.png (mjhq_ablation: the first `ablation_subset` prompts)
@@ -19,6 +22,7 @@ import io
 import json
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +38,7 @@ from evaluators.io import sha256_file, write_bytes_atomic, write_json_atomic
 from evaluators.record import git_commit, package_versions
 
 DPG_GRID = 2  # DPG-Bench images are 2x2 grids of samples
+TIMINGS_SUFFIX = ".timings"  # per-micro-batch wall times, in a folder beside the images folder
 
 
 @dataclass(frozen=True)
@@ -124,8 +129,15 @@ def generate_shard(
     ablation_subset: int = 0,
     method: str = "vanilla",
     variant: str = "default",
+    method_inputs: Callable[[list[str]], dict] | None = None,
+    method_settings: dict | None = None,
 ) -> dict:
-    """Generate shard `shard` of `shards`; returns its provenance record (see `gather_records`)."""
+    """Generate shard `shard` of `shards`; returns its provenance record (see `gather_records`).
+
+    `method_inputs(prompts) -> dict` gives extra keyword arguments of `generate_tokens` for a micro-batch's
+    prompts (RA-CM3: its retrieved ``prefix_image_tokens``); it runs inside the timed region, so retrieval
+    counts in the method's generation time. `method_settings` is recorded as is.
+    """
     if not 0 <= shard < shards:
         raise ValueError(f"shard {shard} is not in 0..{shards - 1}")
     out = Path(images_dir)
@@ -133,25 +145,35 @@ def generate_shard(
     if benchmark == "geneval":
         write_geneval_metadata(Path(prompts), items, out)
     batches = micro_batches(units_for(benchmark, items, samples_per_prompt, ablation_subset), micro_batch, benchmark)
-    mine = batches[shard::shards]
-    files, generated, skipped, seconds = [], 0, 0, 0.0
-    for batch in tqdm(mine, desc=f"generate {benchmark}/{method} shard {shard}/{shards}", unit="batch"):
+    files, generated, skipped, seconds, timed = [], 0, 0, 0.0, 0
+    for number in tqdm(range(shard, len(batches), shards), desc=f"generate {benchmark}/{method} shard {shard}/{shards}",
+                       unit="batch"):
+        batch = batches[number]
         paths = sorted({u.path for u in batch})
         files += paths
-        if all((out / p).is_file() for p in paths):
+        timing = out.with_name(out.name + TIMINGS_SUFFIX) / f"{number:06d}.json"
+        if all((out / p).is_file() for p in paths) and timing.is_file():
             skipped += len(batch)
-            continue
-        started = time.perf_counter()
-        seeds = [derive_seed(seed, u.item.id, u.index) for u in batch]
-        tokens = generate_tokens(backbone, [u.item.prompt for u in batch], seeds, sampling)
-        images = to_images(backbone, tokens)
-        seconds += time.perf_counter() - started
-        write_batch(batch, images, out, benchmark)
-        generated += len(batch)
+        else:
+            started = time.perf_counter()
+            seeds = [derive_seed(seed, u.item.id, u.index) for u in batch]
+            prompts = [u.item.prompt for u in batch]
+            extra = method_inputs(prompts) if method_inputs is not None else {}
+            tokens = generate_tokens(backbone, prompts, seeds, sampling, **extra)
+            images = to_images(backbone, tokens)
+            elapsed = time.perf_counter() - started
+            write_batch(batch, images, out, benchmark)
+            write_json_atomic(timing, {"images": len(batch), "seconds": elapsed, "device": str(backbone.model.device)})
+            generated += len(batch)
+        batch_timing = json.loads(timing.read_text())
+        seconds += batch_timing["seconds"]
+        timed += batch_timing["images"]
     return {
         "benchmark": benchmark, "method": method, "variant": variant, "shard": shard, "shards": shards,
-        "images_generated": generated, "images_skipped": skipped, "generation_seconds": round(seconds, 4),
+        "images_generated": generated, "images_skipped": skipped, "images_timed": timed,
+        "generation_seconds": round(seconds, 4),
         "files": files, "micro_batch": micro_batch, "seed": seed, "sampling": asdict(sampling),
+        "method_settings": method_settings or {},
         "model": {"source": backbone.source, "revision": backbone.revision,
                   "weights_sha256": weights_sha256(backbone.source)},
         "device": str(backbone.model.device), "python": platform.python_version(), "versions": package_versions(),
@@ -166,12 +188,13 @@ def gather_records(shard_records: list[str | Path], out: str | Path, images_dir:
     files = sorted(f for r in records for f in r["files"])
     if len(files) != len(set(files)):
         raise ValueError("shards overlap: the same file appears in two shard records")
-    total = sum(r["images_generated"] for r in records)
+    total = sum(r["images_timed"] for r in records)
     seconds = sum(r["generation_seconds"] for r in records)
     merged = {key: first[key] for key in ("benchmark", "method", "variant", "seed", "sampling", "model",
-                                          "micro_batch", "device", "versions", "git_commit")}
+                                          "method_settings", "micro_batch", "device", "versions", "git_commit")}
     merged.update({"shards": len(records), "files": files, "images": len(files),
-                   "images_generated": total, "generation_seconds": round(seconds, 4),
+                   "images_generated": sum(r["images_generated"] for r in records), "images_timed": total,
+                   "generation_seconds": round(seconds, 4),
                    "seconds_per_image": round(seconds / total, 6) if total else None})
     write_json_atomic(out, merged)
     write_sample_grid([Path(images_dir) / f for f in files[:16]], Path(out).with_name("sample_grid.png"))

@@ -72,7 +72,7 @@ def test_resuming_after_a_kill_gives_byte_identical_files(backbone, bench, tmp_p
     monkeypatch.setattr(generation, "write_batch", real_write)
     assert 0 < len(digests(tmp_path / "resumed")) < len(digests(tmp_path / "straight"))
     (record,) = run(backbone, bench, "geneval", tmp_path / "resumed", shards=1)
-    assert record["images_skipped"] == 3 and record["images_generated"] == 12 - 3
+    assert record["images_skipped"] == 3 and record["images_generated"] == 12 - 3 and record["images_timed"] == 12
     assert digests(tmp_path / "resumed") == digests(tmp_path / "straight")
     assert not list((tmp_path / "resumed").rglob("*.tmp"))
 
@@ -102,6 +102,9 @@ def test_gather_merges_shard_records_and_refuses_overlaps(backbone, bench, tmp_p
         paths[-1].write_text(json.dumps(record))
     merged = gather_records(paths, tmp_path / "record.json", tmp_path / "images")
     assert merged["images"] == 8 and merged["images_generated"] == 8 and merged["shards"] == 2
+    rerun = run(backbone, bench, "mjhq", tmp_path / "images", shards=2)  # everything reused: timings are kept
+    assert sum(r["images_generated"] for r in rerun) == 0 and sum(r["images_timed"] for r in rerun) == 8
+    assert sum(r["generation_seconds"] for r in rerun) == pytest.approx(merged["generation_seconds"], abs=1e-3)
     assert merged["seconds_per_image"] > 0
     assert (tmp_path / "sample_grid.png").is_file()
     with pytest.raises(ValueError, match="shards overlap"):

@@ -2,11 +2,12 @@
 
 import pytest
 import torch
+from PIL import Image
 from transformers import JanusVQVAE
 
 import arrag.training.vq as vq_training
-from arrag.shapes.dataset import ShapesConfig, write_split
-from arrag.training.vq import VQTrainConfig, train_vq
+from arrag.shapes.dataset import ShapesConfig, read_annotations, write_split
+from arrag.training.vq import VQTrainConfig, reconstruct_split, train_vq
 
 TINY = VQTrainConfig(image_size=16, grid=4, codebook_size=16, base_channels=32, channel_multiplier=(1, 1, 1),
                      latent_channels=32, steps=8, batch_size=4, lr=2e-3, restart_every=4, checkpoint_every=3)
@@ -61,3 +62,11 @@ def test_checkpoint_of_another_config_is_refused(images, tmp_path):
     train_vq(images, tmp_path / "a", tmp_path / "a.pt", TINY)
     with pytest.raises(ValueError, match="another config"):
         train_vq(images, tmp_path / "b", tmp_path / "a.pt", VQTrainConfig(**{**TINY.__dict__, "lr": 1e-3}))
+
+
+def test_reconstructions_of_a_split_keep_ids_and_size(images, tmp_path):
+    train_vq(images, tmp_path / "vq", tmp_path / "vq.pt", VQTrainConfig(**{**TINY.__dict__, "steps": 2}))
+    assert reconstruct_split(tmp_path / "vq", images, tmp_path / "recon", limit=5) == 5
+    ids = [r["id"] for r in read_annotations(images)][:5]
+    assert sorted(p.stem for p in (tmp_path / "recon").iterdir()) == sorted(ids)
+    assert Image.open(tmp_path / "recon" / f"{ids[0]}.png").size == (16, 16)

@@ -19,7 +19,7 @@ Decode step t (t = 0 .. N-1, N = number of image tokens) in `generate_tokens`:
     hidden states -> generation head -> CFG (float32) -> softmax(logits / temperature)
         -> top-k / top-p filter (renormalised) -> prob_hook -> argmax (greedy) or inverse-CDF sample
 
-Extension points (both cost nothing when absent):
+Extension points (each costs nothing when absent):
 
 * ``prob_hook(probs [B, V] float32, tokens [B, t] long, step: int) -> probs [B, V]``: called at every step
   after CFG, temperature and top-k/top-p, right before the token is chosen; ``tokens`` holds the image tokens
@@ -45,6 +45,16 @@ Extension points (both cost nothing when absent):
     step-by-step logits agree.
 
   The decode loop keeps the states per chosen layer in a [B, N, D] buffer beside the KV cache (DynamicCache).
+
+* ``prefix_image_tokens`` [B, M] (RA-CM3, Appendix B.1): image-token ids (e.g. a retrieved image's VQ tokens)
+  embedded as the backbone embeds image tokens (`prepare_embeddings_for_image_generation`: generation
+  embedding -> aligner) and inserted right after each row's BOS, i.e. before the formatted text prompt:
+
+      <bos> [M retrieved-image embeddings] <|User|>: {caption}\\n\\n<|Assistant|>:<begin_of_image>
+
+  In `generate_tokens` both CFG branches get the same prefix (the unconditional one: BOS, prefix, pads, BOI),
+  so guidance contrasts the caption given the reference and does not amplify the reference itself. Position
+  ids count the prefix like any token. With ``prefix_image_tokens=None`` nothing changes.
 
 Per-image randomness: row b draws its N uniforms from ``torch.Generator().manual_seed(seeds[b])`` before
 decoding, and step t samples by inverse CDF with the t-th uniform, so an image's tokens depend only on its
@@ -371,6 +381,24 @@ def _run_decoder(
     return lm.norm(h)
 
 
+def insert_prefix(
+    embeds: torch.Tensor, attention_mask: torch.Tensor, prefix: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Insert prefix [B, M, D] right after each row's first attended position (BOS) of the left-padded prompt
+    embeds [B, L, D] with attention_mask [B, L] -> (embeds [B, L + M, D], attention_mask [B, L + M])."""
+    length, m = embeds.shape[1], prefix.shape[1]
+    first = attention_mask.long().argmax(-1, keepdim=True)  # [B, 1]: BOS, the first attended position
+    pos = torch.arange(length + m, device=embeds.device).unsqueeze(0)  # [1, L + M]
+    in_prefix = (pos > first) & (pos <= first + m)  # [B, L + M]
+    text_pos = torch.where(pos <= first, pos, pos - m).clamp(0, length - 1)
+    prefix_pos = (pos - first - 1).clamp(0, m - 1)
+    dim = embeds.shape[-1]
+    out = torch.where(in_prefix.unsqueeze(-1), prefix.gather(1, prefix_pos.unsqueeze(-1).expand(-1, -1, dim)),
+                      embeds.gather(1, text_pos.unsqueeze(-1).expand(-1, -1, dim)))
+    mask = torch.where(in_prefix, 1, attention_mask.gather(1, text_pos)).to(attention_mask.dtype)
+    return out, mask
+
+
 def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids counted from each row's first real token (left padding gets 0)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -412,10 +440,11 @@ def generate_tokens(
     sampling: SamplingConfig,
     prob_hook: ProbHook | None = None,
     layer_modules: dict[int, nn.Module] | None = None,
+    prefix_image_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Image tokens [B, N] (raster order) for captions `prompts` [B] with per-image `seeds` [B].
 
-    See the module docstring for the hook and layer-module contracts.
+    See the module docstring for the hook, layer-module and prefix (`prefix_image_tokens` [B, M]) contracts.
     """
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -428,8 +457,11 @@ def generate_tokens(
     cond_ids, cond_mask = tokenize_prompts(backbone, prompts)
     input_ids = torch.cat([cond_ids, unconditional_ids(backbone, cond_ids)]).to(device)  # [2B, L]
     attention_mask = cond_mask.repeat(2, 1).to(device)
-    position_ids = _positions(attention_mask)
     embeds = model.get_input_embeddings()(input_ids)  # [2B, L, D]
+    if prefix_image_tokens is not None:  # the same prefix for both CFG branches
+        prefix = model.prepare_embeddings_for_image_generation(prefix_image_tokens.to(device)).repeat(2, 1, 1)
+        embeds, attention_mask = insert_prefix(embeds, attention_mask, prefix)  # [2B, L + M, D]
+    position_ids = _positions(attention_mask)
     cache = DynamicCache(config=lm.config)
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     uniforms = torch.stack([torch.rand(num_tokens, generator=g) for g in generators]).to(device)  # [B, N]
@@ -476,22 +508,28 @@ def forward_teacher_forced(
     image_tokens: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     layer_modules: dict[int, nn.Module] | None = None,
+    prefix_image_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Image-token logits [B, N, V] for prompts input_ids [B, L] (left padded, ending in BOI) and the target
     image_tokens [B, N]; row i predicts image token i from the prompt and tokens 0..i-1. Differentiable.
 
-    Layer modules are applied to every row given (see the module docstring for their contract).
+    Layer modules are applied to every row given; `prefix_image_tokens` [B, M] are inserted after BOS (see the
+    module docstring for both contracts).
     """
     model = backbone.model
     lm = model.model.language_model
-    prompt_len, num_tokens = input_ids.shape[1], image_tokens.shape[1]
+    num_tokens = image_tokens.shape[1]
     layer_modules = layer_modules or {}
 
     text = model.get_input_embeddings()(input_ids)
-    image = model.prepare_embeddings_for_image_generation(image_tokens)
-    embeds = torch.cat([text, image], dim=1)  # [B, L + N, D]
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    if prefix_image_tokens is not None:
+        prefix = model.prepare_embeddings_for_image_generation(prefix_image_tokens)
+        text, attention_mask = insert_prefix(text, attention_mask, prefix)  # [B, L + M, D]
+    prompt_len = text.shape[1]
+    image = model.prepare_embeddings_for_image_generation(image_tokens)
+    embeds = torch.cat([text, image], dim=1)  # [B, prompt_len + N, D]
     attention_mask = torch.cat([attention_mask, attention_mask.new_ones(image_tokens.shape)], dim=1)
 
     def blend(layer: int, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

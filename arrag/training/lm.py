@@ -45,7 +45,7 @@ class LMTrainConfig:
     num_layers: int = 4
     num_heads: int = 4
     intermediate_size: int = 512
-    steps: int = 2000
+    steps: int = 1200
     batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 100

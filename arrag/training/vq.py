@@ -21,6 +21,7 @@ from tqdm import tqdm
 from transformers import JanusVQVAE, JanusVQVAEConfig
 
 from arrag.models.vq import codebook_vectors, decode_tokens, encode_images, encode_latents, nearest_codes
+from arrag.shapes.dataset import read_annotations, save_png
 from arrag.training.loop import LossLog, batch_indices, load_checkpoint, save_checkpoint, step_generator
 from evaluators.io import write_json_atomic
 
@@ -35,7 +36,7 @@ class VQTrainConfig:
     channel_multiplier: tuple[int, ...] = (1, 1, 2, 2)
     num_res_blocks: int = 1
     latent_channels: int = 64
-    steps: int = 1500
+    steps: int = 900
     batch_size: int = 16
     lr: float = 2e-3
     beta: float = 0.25
@@ -184,3 +185,22 @@ def save_reconstructions(vq: JanusVQVAE, images: torch.Tensor, path: Path) -> No
     grid = torch.cat([torch.cat(list(r), dim=1) for r in rows], dim=0).numpy()
     image = Image.fromarray(grid)
     image.resize((image.width * 2, image.height * 2), Image.NEAREST).save(path)
+
+
+@torch.no_grad()
+def reconstruct_split(vq_dir: str | Path, split_dir: str | Path, out_dir: str | Path, limit: int | None = None,
+                      batch_size: int = 64) -> int:
+    """Write decode(encode(x)) of a split's images as `<out_dir>/<id>.png` (ids of annotations.jsonl order)
+    and return how many; evaluators validate on them what generated images look like."""
+    vq = JanusVQVAE.from_pretrained(vq_dir).eval()
+    ids = [record["id"] for record in read_annotations(split_dir)][:limit]
+    out_dir = Path(out_dir)
+    for start in tqdm(range(0, len(ids), batch_size), desc="VQ reconstructions", mininterval=2):
+        chunk = ids[start:start + batch_size]
+        files = [Path(split_dir) / "images" / f"{image_id}.png" for image_id in chunk]
+        images = torch.from_numpy(np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files]))
+        rebuilt = decode_tokens(vq, encode_images(vq, to_model_input(images)))
+        pixels = ((rebuilt.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        for image_id, array in zip(chunk, pixels, strict=True):
+            save_png(Image.fromarray(array), out_dir / f"{image_id}.png")
+    return len(ids)

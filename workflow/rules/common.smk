@@ -5,6 +5,7 @@ import shlex
 
 from arrag.cli import COMMANDS
 from arrag.config import ConfigError, config_hash, validate
+from arrag.tables import OUTPUTS as TABLE_OUTPUTS, TABLES
 
 try:
     validate(config)
@@ -12,6 +13,9 @@ except ConfigError as err:
     raise WorkflowError(str(err)) from None
 
 # Jobs import this repository's packages whatever environment runs them (pip install or --use-conda).
+# Every rule's command starts with OMP_NUM_THREADS={threads}: a job's numerical libraries use the cores
+# Snakemake gave it, never more (two torch jobs with two threads each on two cores slow each other down
+# many times over).
 shell.prefix("set -euo pipefail; export PYTHONPATH=" + shlex.quote(workflow.basedir) + "${{PYTHONPATH:+:$PYTHONPATH}}; ")
 MAIN_ENV = "../envs/main.yaml"  # relative to the rule files
 GENEVAL_ENV = "../envs/geneval.yaml" if config["evaluation"]["geneval_backend"] == "mmdet" else MAIN_ENV
@@ -90,6 +94,15 @@ def faid_variants():
     return [f"hops{hops}_m{m}" for hops in grid["hops"] for m in grid["m"]]
 
 
+def pinned_values(method):
+    """`--pin` arguments of `arrag select` for values the config fixes (all of a method's, or none)."""
+    names = {"daid": ("lam", "tau"), "faid": ("hops", "m")}[method]
+    values = [config[method][name] for name in names]
+    if any(v is None for v in values):
+        return []
+    return [a for name, value in zip(names, values) for a in ("--pin", f"{name}{value}")]
+
+
 def main_variant(method):
     """vanilla and RA-CM3 have one setting; DAiD and FAiD use the values selected from their ablation."""
     return "default" if method in ("vanilla", "racm3") else "selected"
@@ -120,11 +133,55 @@ def generated_images(wildcards):
     return f"{R}/generated/{wildcards.bench}/{wildcards.method}/{wildcards.variant}/images"
 
 
+SHAPES_CLIP = f"{R}/models/clip"
+
+
 def cmmd_model_args():
     """CMMD's CLIP: the Shapes CLIP trained in the DAG, or an open_clip model name and pretrained tag."""
     if config["evaluation"]["cmmd_model"] == "shapes":
-        return {"clip": f"{R}/models/clip"}
+        return {"clip": SHAPES_CLIP}
     return {}
+
+
+def open_clip_args(model, pretrained):
+    """How CMMD and build-clip-index load a CLIP (`--model`, `--pretrained`, `--model-config`): 'shapes' is the
+    Shapes CLIP trained in the DAG, anything else an open_clip name with its pretrained tag or file."""
+    if model == "shapes":
+        return ["--model-config", f"{SHAPES_CLIP}/shapes_clip.json",
+                "--pretrained", f"{SHAPES_CLIP}/open_clip_model.safetensors"]
+    return ["--model", model] + (["--pretrained", pretrained] if pretrained else [])
+
+
+def geneval_backend_args():
+    """Extra arguments of `python -m evaluators geneval` for the configured detector backend."""
+    settings = config["evaluation"]
+    args = ["--backend", settings["geneval_backend"]]
+    if settings["geneval_backend"] == "mmdet":
+        args += ["--mmdet-checkpoint", settings["geneval_detector_checkpoint"] or "", "--object-names",
+                 os.path.join(os.path.dirname(GENEVAL_METADATA), "object_names.txt")]
+    else:
+        args += ["--vocabulary", f"{BENCHMARK_DIR}/vocabulary.json"]
+    if settings["geneval_clip_model"] == "shapes":  # open_clip's local-dir: reads the folder's config and weights
+        args += ["--clip-model", f"local-dir:{SHAPES_CLIP}",
+                 "--clip-pretrained", f"{SHAPES_CLIP}/open_clip_model.safetensors"]
+        return args
+    for key in ("clip_model", "clip_pretrained"):
+        if settings[f"geneval_{key}"]:
+            args += [f"--{key.replace('_', '-')}", settings[f"geneval_{key}"]]
+    return args
+
+
+def dpg_backend_args():
+    """Extra arguments of `python -m evaluators dpg` for the configured VQA backend."""
+    settings = config["evaluation"]
+    args = ["--backend", settings["dpg_backend"]]
+    if settings["dpg_backend"] == "shapes":
+        args += ["--vocabulary", f"{BENCHMARK_DIR}/vocabulary.json"]
+    if settings["dpg_vqa_model"]:
+        args += ["--vqa-model", settings["dpg_vqa_model"]]
+    if settings["dpg_official_quirks"]:
+        args.append("--official-quirks")
+    return args
 
 
 # ---------------------------------------------------------------- stages and their targets
@@ -150,7 +207,8 @@ METRICS = tuple(f"{m}:" for metrics in METRIC_FILES.values() for m in metrics)
 
 
 def metric_commands(metric):
-    clip = ["train-clip"] if SHAPES and metric == "cmmd" else []
+    shapes_clip = {"cmmd": config["evaluation"]["cmmd_model"], "geneval": config["evaluation"]["geneval_clip_model"]}
+    clip = ["train-clip"] if shapes_clip.get(metric) == "shapes" else []
     return clip + [f"eval:{metric}"]
 
 
@@ -162,6 +220,10 @@ def stage_targets():
         stages.append(("Shapes benchmarks", DATA_COMMANDS, [BENCHMARK_DIR]))
         stages.append(("Shapes VQ", ["shapes-world", "train-vq"], [f"{R}/models/vq"]))
         stages.append(("Shapes CLIP", ["train-clip"], [f"{R}/models/clip"]))
+        stages.append(("evaluator checks", DATA_COMMANDS + ["eval:geneval", "eval:dpg"],
+                       [f"{R}/checks/detector_clean.json", f"{R}/checks/dpg_vqa_truth.json"]))
+        stages.append(("evaluator checks on VQ reconstructions", DATA_COMMANDS + ["train-vq", "vq-reconstruct",
+                       "eval:geneval"], [f"{R}/checks/detector_vq.json"]))
     else:
         stages.append(("data acquisition", DATA_COMMANDS, list(benchmark_files().values())))
     stages.append(("backbone", BACKBONE_COMMANDS, [BACKBONE]))
@@ -197,6 +259,49 @@ def all_targets():
 def missing_stages():
     return [(stage, [c for c in commands if not implemented(c)]) for stage, commands, _ in stage_targets()
             if not all(map(implemented, commands))]
+
+
+
+# ---------------------------------------------------------------- data acquisition (paper scale) and report
+def fetched_file(folder, entry):
+    """An output of a benchmark's fetch rule: a file, or a folder (directory output)."""
+    path = f"{folder}/{entry['to']}"
+    return directory(path) if entry["folder"] else path
+
+
+REPORTED = os.path.join(workflow.basedir, "results", "reported")  # the paper's numbers, committed
+TABLE_TITLES = {f"{t.name}.csv": t.title for t in TABLES}
+
+
+def stage_ready(method):
+    """Whether every command a method's rows need is implemented (its records can be built)."""
+    return all(map(implemented, DATA_COMMANDS + METHOD_COMMANDS[method]))
+
+
+def report_inputs():
+    """The records of the tables that this version can build: ready stages, and the ablation FIDs of Figure 7.
+
+    Rows of methods whose stages are not implemented yet are rendered as missing; they fill in by themselves
+    once their stages land."""
+    ready = set(ready_targets())
+    inputs = [t for t in table_inputs() if t in ready]
+    for method, variants in (("daid", daid_variants()), ("faid", faid_variants())):
+        if method in config["methods"] and stage_ready(method):
+            inputs += [f"{R}/metrics/mjhq_ablation/{method}/{v}/fid.json" for v in variants]
+    return inputs
+
+
+def tables_output(name):
+    """An output of `arrag tables`, flagged for the report when it is a table, a figure or the provenance."""
+    path = f"{R}/tables/{name}"
+    if name in TABLE_TITLES:
+        return report(path, caption="../report/table.rst", category="Tables", labels={"table": TABLE_TITLES[name]})
+    if name.endswith(".png"):
+        ablation = {"figure7_daid.png": "DAiD (lambda x tau)", "figure7_faid.png": "FAiD (hops x m)"}[name]
+        return report(path, caption="../report/figure7.rst", category="Figure 7", labels={"ablation": ablation})
+    if name == "provenance.csv":
+        return report(path, caption="../report/provenance.rst", category="Provenance", labels={"file": name})
+    return path
 
 
 onstart:

@@ -1,4 +1,5 @@
 # Data: the Shapes world and its benchmarks (scale: shapes); pinned downloads (scale: paper).
+import json
 
 
 rule shapes_split:
@@ -15,7 +16,7 @@ rule shapes_split:
     log:
         f"{LOGS}/shapes_split/{{split}}.log",
     shell:
-        "python -m arrag.cli shapes-world --split {wildcards.split} --count {params.n_images} --out {output:q}"
+        "OMP_NUM_THREADS={threads} python -m arrag.cli shapes-world --split {wildcards.split} --count {params.n_images} --out {output:q}"
         " --seed {params.seed} --image-size {params.size} --supersample {params.supersample} > {log:q} 2>&1"
 
 
@@ -37,27 +38,73 @@ rule shapes_benchmarks:
     log:
         f"{LOGS}/shapes_benchmarks.log",
     shell:
-        "python -m arrag.cli shapes-benchmarks --heldout {input.heldout:q} --out {output:q} --seed {params.seed}"
+        "OMP_NUM_THREADS={threads} python -m arrag.cli shapes-benchmarks --heldout {input.heldout:q} --out {output:q} --seed {params.seed}"
         " --image-size {params.size} --supersample {params.supersample} --geneval-per-tag {params.per_tag}"
         " --dpg-prompts {params.dpg} --mjhq-images {params.mjhq} > {log:q} 2>&1"
 
 
 if not SHAPES:
+    # Paper scale: pinned downloads into resources/ (arrag/fetch.py). They run where the workflow runs
+    # (localrule): cluster compute nodes often have no internet access. Downloads go through the cache
+    # resources.cache, which is not an output, so a killed download resumes there.
+    FETCH_OPTIONS = ["--cache", config["resources"]["cache"]] + (
+        ["--allow-unpinned"] if config["resources"]["allow_unpinned"] else []
+    )
+    for _name, _spec in config["resources"]["benchmarks"].items():
 
-    rule fetch_resources:
-        """Paper scale: benchmarks, model and datasets from pinned revisions into resources/."""
+        rule:
+            name:
+                f"fetch_{_name}"
+            output:
+                [fetched_file(f"{BENCHMARK_DIR}/{_name}", f) for f in _spec["files"]],
+                manifest=f"{BENCHMARK_DIR}/{_name}/manifest.json",
+            params:
+                spec=json.dumps(_spec),
+                key=f"resources.benchmarks.{_name}",
+                out=lambda wildcards, output: os.path.dirname(output.manifest),
+                options=FETCH_OPTIONS,
+            localrule: True
+            conda:
+                MAIN_ENV
+            log:
+                f"{LOGS}/fetch/{_name}.log",
+            shell:
+                "python -m arrag.cli fetch benchmark --spec {params.spec:q} --key {params.key} --out {params.out:q}"
+                " {params.options:q} > {log:q} 2>&1"
+
+    rule fetch_backbone:
+        """The backbone's hub snapshot (backbone.source at backbone.revision) with a manifest of its files."""
         output:
-            GENEVAL_METADATA,
-            directory(DPG_PROMPTS),
-            DPG_QUESTIONS,
-            MJHQ_META,
-            directory(MJHQ_IMAGES),
-            backbone=directory(BACKBONE),
-            database=directory(DATABASE_IMAGES),
-            finetune=directory(FINETUNE_IMAGES),
+            directory(BACKBONE),
+        params:
+            repo=config["backbone"]["source"],
+            revision=config["backbone"]["revision"] or "",
+            options=FETCH_OPTIONS,
+        localrule: True
         conda:
             MAIN_ENV
         log:
-            f"{LOGS}/fetch_resources.log",
+            f"{LOGS}/fetch/backbone.log",
         shell:
-            "python -m arrag.cli fetch > {log:q} 2>&1"
+            "python -m arrag.cli fetch backbone --repo {params.repo:q} --revision={params.revision:q} --key backbone"
+            " --out {output:q} {params.options:q} > {log:q} 2>&1"
+
+    rule fetch_datasets:
+        """The image datasets of the patch database or of fine-tuning, subsampled by files, with sources.json."""
+        output:
+            directory("resources/datasets/{role}"),
+        wildcard_constraints:
+            role="database|finetune",
+        params:
+            spec=json.dumps(config["resources"]["datasets"]),
+            subsample=config["resources"]["subsample"],
+            seed=config["seed"],
+            options=FETCH_OPTIONS,
+        localrule: True
+        conda:
+            MAIN_ENV
+        log:
+            f"{LOGS}/fetch/datasets_{{role}}.log",
+        shell:
+            "python -m arrag.cli fetch datasets --role {wildcards.role} --spec {params.spec:q} --key resources.datasets"
+            " --subsample {params.subsample} --seed {params.seed} --out {output:q} {params.options:q} > {log:q} 2>&1"

@@ -14,15 +14,20 @@ rule image_metric:
     params:
         images=generated_images,
         real=benchmark_path("mjhq_images"),
+        clip=lambda wc: open_clip_args(config["evaluation"]["cmmd_model"], config["evaluation"]["cmmd_pretrained"])
+        if wc.metric == "cmmd" else [],
+        per_category=lambda wc: [] if wc.metric != "fid" or (wc.bench == "mjhq" and config["evaluation"]["fid_per_category"])
+        else ["--no-per-category"],
         seed=config["seed"],
         config_hash=CONFIG_HASH,
+    threads: 2
     conda:
         MAIN_ENV
     log:
         f"{LOGS}/metrics/{{bench}}/{{method}}/{{variant}}/{{metric}}.log",
     shell:
-        "python -m evaluators {wildcards.metric} {params.real:q} {params.images:q} --out {output:q}"
-        " --seed {params.seed} --config-hash {params.config_hash} > {log:q} 2>&1"
+        "OMP_NUM_THREADS={threads} python -m evaluators {wildcards.metric} {params.real:q} {params.images:q} --out {output:q}"
+        " {params.clip:q} {params.per_category:q} --seed {params.seed} --config-hash {params.config_hash} > {log:q} 2>&1"
 
 
 rule geneval_score:
@@ -30,14 +35,14 @@ rule geneval_score:
     input:
         unpack(benchmark_files),
         record=generated,
+        clip=SHAPES_CLIP if config["evaluation"]["geneval_clip_model"] == "shapes" else [],
     output:
         f"{R}/metrics/{{bench}}/{{method}}/{{variant}}/geneval.json",
     wildcard_constraints:
         bench="geneval",
     params:
         images=generated_images,
-        backend=config["evaluation"]["geneval_backend"],
-        vocabulary=f"{BENCHMARK_DIR}/vocabulary.json",
+        backend=geneval_backend_args(),
         seed=config["seed"],
         config_hash=CONFIG_HASH,
     conda:
@@ -45,7 +50,7 @@ rule geneval_score:
     log:
         f"{LOGS}/metrics/{{bench}}/{{method}}/{{variant}}/geneval.log",
     shell:
-        "python -m evaluators geneval {params.images:q} --backend {params.backend} --vocabulary {params.vocabulary:q}"
+        "OMP_NUM_THREADS={threads} python -m evaluators geneval {params.images:q} {params.backend:q}"
         " --out {output:q} --seed {params.seed} --config-hash {params.config_hash} > {log:q} 2>&1"
 
 
@@ -61,8 +66,7 @@ rule dpg_score:
     params:
         images=generated_images,
         questions=benchmark_path("dpg_questions"),
-        backend=config["evaluation"]["dpg_backend"],
-        vocabulary=f"{BENCHMARK_DIR}/vocabulary.json",
+        backend=dpg_backend_args(),
         seed=config["seed"],
         config_hash=CONFIG_HASH,
     conda:
@@ -70,8 +74,8 @@ rule dpg_score:
     log:
         f"{LOGS}/metrics/{{bench}}/{{method}}/{{variant}}/dpg.log",
     shell:
-        "python -m evaluators dpg {params.images:q} --questions {params.questions:q} --backend {params.backend}"
-        " --vocabulary {params.vocabulary:q} --out {output:q} --seed {params.seed}"
+        "OMP_NUM_THREADS={threads} python -m evaluators dpg {params.images:q} --questions {params.questions:q} {params.backend:q}"
+        " --out {output:q} --seed {params.seed}"
         " --config-hash {params.config_hash} > {log:q} 2>&1"
 
 
@@ -86,9 +90,64 @@ rule select:
         f"{R}/selection/{{method}}.json",
     wildcard_constraints:
         method="daid|faid",
+    params:
+        pinned=lambda wc: pinned_values(wc.method),
     conda:
         MAIN_ENV
     log:
         f"{LOGS}/select/{{method}}.log",
     shell:
-        "python -m arrag.cli select --method {wildcards.method} --out {output:q} {input:q} > {log:q} 2>&1"
+        "OMP_NUM_THREADS={threads} python -m arrag.cli select --method {wildcards.method} --out {output:q} {params.pinned:q} {input:q} > {log:q} 2>&1"
+
+
+rule check_shapes_detector:
+    """The Shapes detector against ground truth: clean held-out renders, or their VQ reconstructions."""
+    input:
+        split=f"{R}/shapes/heldout",
+        benchmarks=BENCHMARK_DIR,
+        images=lambda wc: f"{R}/checks/vq_reconstructions" if wc.kind == "vq" else [],
+    output:
+        f"{R}/checks/detector_{{kind}}.json",
+    wildcard_constraints:
+        kind="clean|vq",
+    params:
+        images=lambda wc, input: ["--validate-images", input.images] if wc.kind == "vq" else [],
+    conda:
+        MAIN_ENV
+    log:
+        f"{LOGS}/checks/detector_{{kind}}.log",
+    shell:
+        "OMP_NUM_THREADS={threads} python -m evaluators geneval --validate-shapes {input.split:q}"
+        " --vocabulary {input.benchmarks:q}/vocabulary.json {params.images:q} --out {output:q} > {log:q} 2>&1"
+
+
+rule check_dpg_vqa:
+    """The Shapes VQA answers every question of the DPG-style truth renders."""
+    input:
+        BENCHMARK_DIR,
+    output:
+        f"{R}/checks/dpg_vqa_truth.json",
+    conda:
+        MAIN_ENV
+    log:
+        f"{LOGS}/checks/dpg_vqa_truth.log",
+    shell:
+        "OMP_NUM_THREADS={threads} python -m evaluators dpg --validate-shapes {input:q}/dpg_bench/truth"
+        " --questions {input:q}/dpg_bench/dpg_bench.csv --vocabulary {input:q}/vocabulary.json --out {output:q}"
+        " > {log:q} 2>&1"
+
+
+rule vq_reconstructions:
+    """decode(encode(x)) of held-out renders: what the evaluators see in generated images."""
+    input:
+        vq=f"{R}/models/vq",
+        split=f"{R}/shapes/heldout",
+    output:
+        directory(f"{R}/checks/vq_reconstructions"),
+    conda:
+        MAIN_ENV
+    log:
+        f"{LOGS}/checks/vq_reconstructions.log",
+    shell:
+        "OMP_NUM_THREADS={threads} python -m arrag.cli vq-reconstruct --vq {input.vq:q} --split {input.split:q}"
+        " --out {output:q} > {log:q} 2>&1"

@@ -17,7 +17,7 @@ rule precompute_retrievals:
     log:
         f"{LOGS}/precompute_retrievals/{{shard}}.log",
     shell:
-        "python -m arrag.cli precompute-retrievals --index {input.index:q} --backbone {input.backbone:q} --images {input.images:q}"
+        "OMP_NUM_THREADS={threads} python -m arrag.cli precompute-retrievals --index {input.index:q} --backbone {input.backbone:q} --images {input.images:q}"
         " --k {params.k} --shard {wildcards.shard} --shards {params.shards} --out {output:q} > {log:q} 2>&1"
 
 
@@ -39,7 +39,7 @@ rule finetune_faid:
     log:
         f"{LOGS}/finetune_faid/hops{{hops}}_m{{m}}.log",
     shell:
-        "python -m arrag.cli finetune-faid --backbone {input.backbone:q} --images {input.images:q} --hops {wildcards.hops}"
+        "OMP_NUM_THREADS={threads} python -m arrag.cli finetune-faid --backbone {input.backbone:q} --images {input.images:q} --hops {wildcards.hops}"
         " --m {wildcards.m} --out {output:q} {input.retrievals:q} > {log:q} 2>&1"
 
 
@@ -47,19 +47,22 @@ rule build_clip_index:
     """RA-CM3 (Appendix B.1): CLIP image embeddings of the database images in an inner-product index."""
     input:
         images=DATABASE_IMAGES,
-        clip=f"{R}/models/clip" if SHAPES else [],
+        clip=SHAPES_CLIP if config["racm3"]["clip_model"] == "shapes" else [],
     output:
         directory(f"{R}/racm3/clip_index"),
     params:
-        model=config["racm3"]["clip_model"],
-        pretrained=config["racm3"]["clip_pretrained"] or "",
+        clip=open_clip_args(config["racm3"]["clip_model"], config["racm3"]["clip_pretrained"]),
+        device=config["device"],
+    threads: 2
+    resources:
+        gpu=0 if SHAPES else 1,
     conda:
         MAIN_ENV
     log:
         f"{LOGS}/build_clip_index.log",
     shell:
-        "python -m arrag.cli build-clip-index --images {input.images:q} --model {params.model:q} --pretrained {params.pretrained:q}"
-        " --out {output:q} > {log:q} 2>&1"
+        "OMP_NUM_THREADS={threads} python -m arrag.cli build-clip-index --images {input.images:q} {params.clip:q}"
+        " --device {params.device} --out {output:q} > {log:q} 2>&1"
 
 
 rule finetune_racm3:
@@ -70,6 +73,15 @@ rule finetune_racm3:
         clip_index=f"{R}/racm3/clip_index",
     output:
         directory(f"{R}/models/racm3"),
+    params:
+        checkpoint=f"{R}/checkpoints/racm3",
+        device=config["device"],
+        revision=config["backbone"]["revision"] or "",
+        top_n=config["racm3"]["top_n"],
+        dropout=config["racm3"]["caption_dropout"],
+        tuning=" ".join(f"--{key.replace('_', '-')} {value}" for key, value in config["racm3"]["finetune"].items()),
+        seed=config["seed"],
+    threads: 2
     resources:
         gpu=0 if SHAPES else 1,
     conda:
@@ -77,5 +89,7 @@ rule finetune_racm3:
     log:
         f"{LOGS}/finetune_racm3.log",
     shell:
-        "python -m arrag.cli finetune-racm3 --backbone {input.backbone:q} --images {input.images:q}"
-        " --clip-index {input.clip_index:q} --out {output:q} > {log:q} 2>&1"
+        "OMP_NUM_THREADS={threads} python -m arrag.cli finetune-racm3 --backbone {input.backbone:q} --images {input.images:q}"
+        " --clip-index {input.clip_index:q} --out {output:q} --checkpoint {params.checkpoint:q} --device {params.device}"
+        " --revision={params.revision:q} --top-n {params.top_n} --caption-dropout {params.dropout} {params.tuning}"
+        " --seed {params.seed} > {log:q} 2>&1"

@@ -23,19 +23,22 @@ rule generate:
         revision=config["backbone"]["revision"] or "",
         samples=config["benchmarks"]["geneval"]["samples_per_prompt"],
         subset=config["benchmarks"]["mjhq"]["ablation_subset"],
+        method=lambda wc, input: [a for key in method_inputs(wc) for a in (f"--{key.replace('_', '-')}", input[key])],
+        daid_k=config["daid"]["k"],
     resources:
         gpu=0 if SHAPES else 1,
+    threads: 2
     conda:
         MAIN_ENV
     log:
         f"{LOGS}/generate/{{bench}}/{{method}}/{{variant}}/{{shard}}.log",
     shell:
-        "python -m arrag.cli generate --benchmark {wildcards.bench} --prompts {params.prompts:q} --method {wildcards.method}"
+        "OMP_NUM_THREADS={threads} python -m arrag.cli generate --benchmark {wildcards.bench} --prompts {params.prompts:q} --method {wildcards.method}"
         " --variant {wildcards.variant} --backbone {input.backbone:q} --shard {wildcards.shard}"
-        " --revision {params.revision:q} --device {params.device} --shards {params.shards} --seed {params.seed}"
+        " --revision={params.revision:q} --device {params.device} --shards {params.shards} --seed {params.seed}"
         " --cfg-weight {params.cfg} --temperature {params.temperature} --top-k {params.top_k} --top-p {params.top_p}"
         " --micro-batch {params.micro_batch} --samples-per-prompt {params.samples} --ablation-subset {params.subset}"
-        " --images {params.images:q} --record {output:q} > {log:q} 2>&1"
+        " {params.method:q} --daid-k {params.daid_k} --images {params.images:q} --record {output:q} > {log:q} 2>&1"
 
 
 rule gather_generation:
@@ -47,7 +50,13 @@ rule gather_generation:
         ),
     output:
         record=f"{R}/generated/{{bench}}/{{method}}/{{variant}}/record.json",
-        grid=f"{R}/generated/{{bench}}/{{method}}/{{variant}}/sample_grid.png",
+        grid=report(
+            f"{R}/generated/{{bench}}/{{method}}/{{variant}}/sample_grid.png",
+            caption="../report/sample_grid.rst",
+            category="Sample grids",
+            subcategory="{bench}",
+            labels={"method": "{method}", "variant": "{variant}"},
+        ),
     params:
         images=lambda wc: f"{R}/generated/{wc.bench}/{wc.method}/{wc.variant}/images",
     conda:
@@ -55,5 +64,5 @@ rule gather_generation:
     log:
         f"{LOGS}/gather_generation/{{bench}}/{{method}}/{{variant}}.log",
     shell:
-        "python -m arrag.cli generate --gather --record {output.record:q} --images {params.images:q} {input:q}"
+        "OMP_NUM_THREADS={threads} python -m arrag.cli generate --gather --record {output.record:q} --images {params.images:q} {input:q}"
         " > {log:q} 2>&1"

@@ -1,86 +1,143 @@
-# The patch-level retrieval database (§3.1): encode shards -> train the index -> add shards -> merge.
+# The patch-level retrieval database (§3.1): exclusion list -> encode shards -> train the index once -> add
+# each shard -> merge; then the retrieval-accuracy analysis (Appendix C.1, Figure 6).
+# The index takes the VQ from the Shapes VQ folder (so it does not wait for the backbone) or, at paper scale,
+# from the backbone (its `vqmodel`); the VQ in the Shapes backbone is that same frozen VQ (the fingerprint's
+# codebook hash is equal), so DAiD / FAiD loading the index with the backbone's codebook passes the check.
+INDEX = config["index"]
+INDEX_VQ = f"{R}/models/vq" if SHAPES else BACKBONE
+INDEX_FILE = f"{R}/index/index.faiss"
+VQ_REVISION = "" if SHAPES or not config["backbone"]["revision"] else f"--revision {config['backbone']['revision']}"
+INDEX_KEY_ARGS = (
+    f"--neighbourhood {INDEX['neighbourhood']} --hops {INDEX['hops']} --key-space {INDEX['key_space']}"
+    f" --edge-policy {INDEX['edge_policy']}"
+)
+# Leakage (§4): benchmark references and fine-tuning images never enter the database.
+EXCLUDED_IMAGES = (
+    [f"{R}/shapes/heldout", FINETUNE_IMAGES, BENCHMARK_DIR] if SHAPES else [MJHQ_IMAGES, FINETUNE_IMAGES]
+)
+
+if INDEX["type"] == "tokens" and INDEX["key_space"] != "codebook":
+    raise WorkflowError("index.type 'tokens' stores codebook-space keys: use index.key_space 'codebook', "
+                        "or index.type flat / ivfpq for latent keys")
+
+
+rule patch_exclusions:
+    """Ids and sha256 of the images kept out of the patch database."""
+    input:
+        EXCLUDED_IMAGES,
+    output:
+        f"{R}/index/exclusions.json",
+    conda:
+        MAIN_ENV
+    log:
+        f"{LOGS}/patch_exclusions.log",
+    shell:
+        "OMP_NUM_THREADS={threads} python -m arrag.cli exclusion-list --out {output:q} {input:q} > {log:q} 2>&1"
 
 
 rule encode_patches:
-    """Keys (n-hop neighbourhoods) and values (tokens, image ids, positions) of one shard of images."""
+    """Token grids (and latents) of one shard of the database images."""
     input:
         images=DATABASE_IMAGES,
-        backbone=BACKBONE,
+        vq=INDEX_VQ,
+        exclusions=f"{R}/index/exclusions.json",
     output:
         f"{R}/index/shards/{{shard}}.npz",
     params:
-        shards=config["index"]["shards"],
-        neighbourhood=config["index"]["neighbourhood"],
-        hops=config["index"]["hops"],
-        key_space=config["index"]["key_space"],
-        edge_policy=config["index"]["edge_policy"],
+        shards=INDEX["shards"],
+        key_args=INDEX_KEY_ARGS,
+        batch_size=INDEX["batch_size"],
+        revision=VQ_REVISION,
     conda:
         MAIN_ENV
     log:
         f"{LOGS}/encode_patches/{{shard}}.log",
     shell:
-        "python -m arrag.cli encode-patches --images {input.images:q} --backbone {input.backbone:q} --shard {wildcards.shard}"
-        " --shards {params.shards} --neighbourhood {params.neighbourhood} --hops {params.hops}"
-        " --key-space {params.key_space} --edge-policy {params.edge_policy} --out {output:q} > {log:q} 2>&1"
+        "OMP_NUM_THREADS={threads} python -m arrag.cli encode-patches --images {input.images:q} --vq {input.vq:q}"
+        " {params.revision} --exclusions {input.exclusions:q} --shard {wildcards.shard}"
+        " --shards {params.shards} {params.key_args} --batch-size {params.batch_size} --out {output:q} > {log:q} 2>&1"
 
 
 rule train_index:
-    """Train the FAISS index (flat: nothing to learn; OPQ + IVF-PQ: on a sample of the shards)."""
+    """Train the index on all shards (flat / tokens: nothing to learn; ivfpq: OPQ + IVF-PQ on a sample)."""
     input:
         expand(f"{R}/index/shards/{{shard}}.npz", shard=INDEX_SHARDS),
     output:
-        f"{R}/index/trained.faiss",
+        index=f"{R}/index/trained.faiss",
+        meta=f"{R}/index/trained.faiss.json",
     params:
-        kind=config["index"]["type"],
+        kind=INDEX["type"],
+        ivf=f"--nlist {INDEX['nlist']} --pq-m {INDEX['pq_m']} --nprobe {INDEX['nprobe']} --train-size {INDEX['train_size']}",
+        seed=config["seed"],
     conda:
         MAIN_ENV
     log:
         f"{LOGS}/train_index.log",
     shell:
-        "python -m arrag.cli train-index --type {params.kind} --out {output:q} {input:q} > {log:q} 2>&1"
+        "OMP_NUM_THREADS={threads} python -m arrag.cli train-index --type {params.kind} {params.ivf} --seed {params.seed}"
+        " --out {output.index:q} {input:q} > {log:q} 2>&1"
 
 
 rule add_shard:
+    """One shard's patches under global patch ids."""
     input:
         trained=f"{R}/index/trained.faiss",
+        meta=f"{R}/index/trained.faiss.json",
         shard=f"{R}/index/shards/{{shard}}.npz",
     output:
-        f"{R}/index/added/{{shard}}.faiss",
+        index=f"{R}/index/added/{{shard}}.faiss",
+        meta=f"{R}/index/added/{{shard}}.faiss.json",
     conda:
         MAIN_ENV
     log:
         f"{LOGS}/add_shard/{{shard}}.log",
     shell:
-        "python -m arrag.cli add-shard --trained {input.trained:q} --shard {input.shard:q} --out {output:q} > {log:q} 2>&1"
+        "OMP_NUM_THREADS={threads} python -m arrag.cli add-shard --trained {input.trained:q} --shard {input.shard:q}"
+        " --out {output.index:q} > {log:q} 2>&1"
 
 
 rule merge_index:
-    """Merge the per-shard indexes and store the index fingerprint beside it."""
+    """Merge the per-shard indexes; the fingerprint (.json) and values (.values.npz) go beside the index."""
     input:
-        expand(f"{R}/index/added/{{shard}}.faiss", shard=INDEX_SHARDS),
+        added=expand(f"{R}/index/added/{{shard}}.faiss", shard=INDEX_SHARDS),
+        meta=expand(f"{R}/index/added/{{shard}}.faiss.json", shard=INDEX_SHARDS),
+        shards=expand(f"{R}/index/shards/{{shard}}.npz", shard=INDEX_SHARDS),
     output:
-        f"{R}/index/index.faiss",
+        index=INDEX_FILE,
+        meta=f"{INDEX_FILE}.json",
+        values=f"{INDEX_FILE}.values.npz",
+    params:
+        ondisk="--ondisk" if INDEX["ondisk"] else "",
     conda:
         MAIN_ENV
     log:
         f"{LOGS}/merge_index.log",
     shell:
-        "python -m arrag.cli merge-index --out {output:q} {input:q} > {log:q} 2>&1"
+        "OMP_NUM_THREADS={threads} python -m arrag.cli merge-index --added {input.added:q} --shards {input.shards:q}"
+        " {params.ondisk} --out {output.index:q} > {log:q} 2>&1"
 
 
 rule retrieval_analysis:
     """Appendix C.1 / Figure 6: distance between the ground-truth token and the k-th retrieved token."""
     input:
-        index=f"{R}/index/index.faiss",
-        backbone=BACKBONE,
+        index=INDEX_FILE,
+        meta=f"{INDEX_FILE}.json",
+        values=f"{INDEX_FILE}.values.npz",
+        vq=INDEX_VQ,
         images=f"{R}/shapes/heldout" if SHAPES else FINETUNE_IMAGES,
     output:
-        csv=f"{R}/analysis/retrieval_accuracy.csv",
-        png=f"{R}/analysis/retrieval_accuracy.png",
+        csv=report(f"{R}/analysis/retrieval_accuracy.csv", category="Patch retrieval"),
+        png=report(f"{R}/analysis/retrieval_accuracy.png", category="Patch retrieval"),
+    params:
+        limit=INDEX["analysis_images"],
+        k=INDEX["analysis_k"],
+        seed=config["seed"],
+        revision=VQ_REVISION,
     conda:
         MAIN_ENV
     log:
         f"{LOGS}/retrieval_analysis.log",
     shell:
-        "python -m arrag.cli retrieval-analysis --index {input.index:q} --backbone {input.backbone:q}"
-        " --images {input.images:q} --csv {output.csv:q} --png {output.png:q} > {log:q} 2>&1"
+        "OMP_NUM_THREADS={threads} python -m arrag.cli retrieval-analysis --index {input.index:q} --vq {input.vq:q}"
+        " {params.revision} --images {input.images:q} --limit {params.limit} --k {params.k}"
+        " --seed {params.seed} --csv {output.csv:q} --png {output.png:q} > {log:q} 2>&1"

@@ -1,0 +1,102 @@
+"""DAiD: distribution augmentation in decoding (paper §3.2, Eq. 2-4), training-free.
+
+At every decoding step the already generated neighbours of the next position form a query (codebook
+vectors of their tokens, the space the index keys live in); the index returns the top-k patches, whose
+tokens get a retrieval distribution over the codebook (softmax of -distance / tau over the retrieved
+tokens, zero elsewhere; distances as the index returns them, i.e. squared L2), and the model's
+distribution -- after classifier-free guidance and temperature, as the official code mixes -- becomes
+
+    p = (1 - lambda) * p_model + lambda * p_retrieval.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from arrag.patchdb.fingerprint import Fingerprint
+from arrag.patchdb.index import PatchIndex
+
+
+def merge_distributions(p_model: torch.Tensor, tokens: torch.Tensor, distances: torch.Tensor, tau: float,
+                        lam: float) -> torch.Tensor:
+    """Eq. 2-4 for a batch.
+
+    p_model: [B, V] probabilities (rows sum to 1). tokens: [B, K] long retrieved tokens, -1 = invalid (ignored).
+    distances: [B, K] float, squared L2 as the index returns them. tau: retrieval temperature. lam: weight of
+    the retrieval distribution. Returns [B, V] probabilities whose rows sum to 1. The softmax runs over the
+    valid entries of a row; a token retrieved more than once receives the sum of its weights; a row with no
+    valid token returns p_model unchanged.
+    """
+    valid = tokens >= 0
+    logits = (-distances.double() / tau).masked_fill(~valid, float("-inf"))
+    usable = valid.any(dim=-1, keepdim=True)  # [B, 1]
+    logits = logits.masked_fill(~usable, 0.0)  # rows without a valid token: any finite values, unused below
+    weights = torch.softmax(logits, dim=-1).masked_fill(~valid, 0.0)
+    p_retrieval = torch.zeros(p_model.shape, dtype=torch.float64, device=p_model.device)
+    p_retrieval.scatter_add_(1, tokens.clamp(min=0), weights)
+    merged = ((1.0 - lam) * p_model.double() + lam * p_retrieval).to(p_model.dtype)
+    return torch.where(usable, merged, p_model)
+
+
+@dataclass(frozen=True)
+class DAiDSettings:
+    """k retrieved patches per step (the official code: 2048 with unique-token dedup), retrieval temperature
+    tau and weight lam of Eq. 2-4."""
+
+    k: int = 2048
+    tau: float = 1.0
+    lam: float = 0.3
+    unique: bool = True
+
+
+class DAiDHook:
+    """The decode loop's `prob_hook` (see `arrag.models.janus`): at step t, one index search for the whole
+    batch with the queries built from the tokens generated so far, then `merge_distributions`. Both CFG
+    halves share the query (it depends only on generated tokens), so retrieval runs once per image.
+    Positions the index's edge policy leaves without a usable neighbourhood keep the model's distribution.
+    `seconds` accumulates the time spent retrieving, for the generation record."""
+
+    def __init__(self, index: PatchIndex, settings: DAiDSettings):
+        self.index, self.settings, self.seconds = index, settings, 0.0
+
+    def __call__(self, probs: torch.Tensor, tokens: torch.Tensor, step: int) -> torch.Tensor:
+        started = time.perf_counter()
+        queries, usable = self.index.queries(tokens.cpu(), step)
+        retrieved = torch.full((len(probs), self.settings.k), -1, dtype=torch.long)
+        distances = torch.full((len(probs), self.settings.k), float("inf"))
+        if usable.any():
+            retrieved[usable], distances[usable] = self.index.search(queries[usable], self.settings.k,
+                                                                     self.settings.unique)
+        self.seconds += time.perf_counter() - started
+        return merge_distributions(probs, retrieved.to(probs.device), distances.to(probs.device),
+                                   self.settings.tau, self.settings.lam)
+
+
+def load_index_for(backbone_vq: torch.nn.Module, path: str | Path) -> PatchIndex:
+    """The patch index at `path`, refused unless it was built with this backbone's (normalised) codebook."""
+    from arrag.models.vq import codebook_vectors
+    from arrag.patchdb.fingerprint import read_metadata
+    from arrag.patchdb.index import metadata_path
+
+    stored, _ = read_metadata(metadata_path(path))
+    codebook = codebook_vectors(backbone_vq, normalized=True).detach().float().cpu()
+    return PatchIndex.load(path, expected=Fingerprint.expected(codebook, stored.grid, stored.spec))
+
+
+def parse_variant(variant: str, selection: str | Path | None) -> dict:
+    """An ablation cell name like 'lam0.3_tau1.0' -> {'lam': 0.3, 'tau': 1.0}; 'selected' reads the
+    selection record written by `arrag select`."""
+    if variant == "selected":
+        if selection is None:
+            raise ValueError("variant 'selected' needs the selection record (--selection)")
+        return json.loads(Path(selection).read_text())["values"]
+    match = re.fullmatch(r"lam([0-9.]+)_tau([0-9.]+)", variant)
+    if match is None:
+        raise ValueError(f"DAiD variant {variant!r} is neither 'selected' nor like 'lam0.3_tau1.0'")
+    return {"lam": float(match.group(1)), "tau": float(match.group(2))}

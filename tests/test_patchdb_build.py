@@ -1,0 +1,193 @@
+"""Patch database build: sources (folder, parquet, webdataset), leakage guards, sharded = one-shot, the CLI."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import JanusVQVAE, JanusVQVAEConfig
+
+from arrag.cli import main
+from arrag.patchdb.build import IndexParams, add_shard, merge_index, train_index
+from arrag.patchdb.encode import encode_shard, load_vq, read_shard
+from arrag.patchdb.fingerprint import Fingerprint, FingerprintMismatch
+from arrag.patchdb.index import PatchIndex
+from arrag.patchdb.neighbourhood import KeySpec
+from arrag.patchdb.sources import Exclusions, ImageSource, held_out, read_sources, write_exclusions
+
+
+def png(seed: int, size: int = 16) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = np.repeat(np.repeat(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8), size // 4, 0), size // 4, 1)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def vq_dir(tmp_path_factory):
+    """A tiny JanusVQVAE (16x16 images -> 4x4 grids of 32 codes) saved with save_pretrained."""
+    torch.manual_seed(0)
+    config = JanusVQVAEConfig(embed_dim=8, num_embeddings=32, latent_channels=32, base_channels=32,
+                              channel_multiplier=[1, 1, 2], num_res_blocks=1, num_patches=4)
+    model = JanusVQVAE(config).eval()
+    with torch.no_grad():
+        model.quantize.embedding.weight.copy_(F.normalize(torch.randn(32, 8), dim=-1))
+    folder = tmp_path_factory.mktemp("vq") / "vq"
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def database(tmp_path_factory):
+    """A split folder of 24 images (a few of them repeated, so patches share keys)."""
+    folder = tmp_path_factory.mktemp("db") / "database"
+    (folder / "images").mkdir(parents=True)
+    for i in range(24):
+        (folder / "images" / f"database-{i:03d}.png").write_bytes(png(i % 9))
+    return folder
+
+
+def build(tmp, vq, database, shards: int, kind: str, spec: KeySpec):
+    paths = [tmp / f"shard{i}.npz" for i in range(shards)]
+    for i, path in enumerate(paths):
+        encode_shard(vq, read_sources(database), i, shards, spec, Exclusions(), path, batch_size=5)
+    train_index(paths, tmp / "trained", IndexParams(kind=kind, nlist=4, pq_m=4, pq_bits=4, nprobe=4))
+    added = [tmp / f"added{i}" for i in range(shards)]
+    for path, out in zip(paths, added, strict=True):
+        add_shard(tmp / "trained", path, out)
+    merge_index(added[::-1], paths, tmp / "index")  # any order
+    return PatchIndex.load(tmp / "index")
+
+
+def ranked(index: PatchIndex, queries: torch.Tensor) -> list:
+    """Every patch for every query as sorted (distance, token, image id, row, column)."""
+    tokens, distances, ids = index.search_patches(queries, index.ntotal)
+    result = []
+    for b in range(len(queries)):
+        where = index.patch_source(ids[b])
+        result.append(sorted((round(float(d), 5), int(t), w[1], w[2], w[3])
+                             for d, t, w in zip(distances[b], tokens[b], where, strict=True)))
+    return result
+
+
+@pytest.mark.parametrize("kind,spec", [("tokens", KeySpec("L", "1")), ("flat", KeySpec("O", "1", edge_policy="skip")),
+                                       ("tokens", KeySpec("L", "12"))])
+def test_sharded_build_equals_one_shot_build(tmp_path, vq_dir, database, kind, spec):
+    vq = load_vq(vq_dir)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "three").mkdir()
+    one = build(tmp_path / "one", vq, database, 1, kind, spec)
+    three = build(tmp_path / "three", vq, database, 3, kind, spec)
+    assert one.fingerprint == three.fingerprint and one.ntotal == three.ntotal
+    ((name, revision, images, patches),) = one.fingerprint.datasets
+    assert name.endswith("/database") and revision == "" and images == 24 and patches == one.ntotal
+    tokens = torch.from_numpy(read_shard(tmp_path / "one" / "shard0.npz")["tokens"].astype(np.int64))
+    queries, usable = one.grid_queries(tokens[:3])
+    queries = queries[:, usable].flatten(0, 1)
+    assert ranked(one, queries) == ranked(three, queries)
+    found, distances = three.search(queries, 1)
+    assert (distances[:, 0] < 1e-5).all()  # database patches find their own neighbourhood at distance 0
+
+
+def test_latent_ivfpq_build_and_fingerprint_check(tmp_path, vq_dir, database):
+    vq = load_vq(vq_dir)
+    spec = KeySpec("L", "1", key_space="latent")
+    index = build(tmp_path, vq, database, 2, "ivfpq", spec)  # OPQ trains 256 centroids: 384 keys suffice
+    assert index.nprobe == 4 and index.ntotal == 24 * 16
+    tokens = torch.from_numpy(read_shard(tmp_path / "shard0.npz")["tokens"].astype(np.int64))
+    queries, usable = index.grid_queries(tokens[:2])
+    result, distances = index.search(queries[:, usable].flatten(0, 1), 5)
+    assert ((result >= 0) | (result == -1)).all() and torch.isfinite(distances[:, 0]).all()
+    added, shards = [tmp_path / "added0", tmp_path / "added1"], [tmp_path / "shard0.npz", tmp_path / "shard1.npz"]
+    merge_index(added, shards, tmp_path / "ondisk" / "index", ondisk=True)  # lists in index.ivfdata beside it
+    ondisk = PatchIndex.load(tmp_path / "ondisk" / "index", nprobe=4)
+    assert torch.equal(ondisk.search(queries[:, usable].flatten(0, 1), 5)[0], result)
+    codebook = index.codebook
+    PatchIndex.load(tmp_path / "index", expected=Fingerprint.expected(codebook, 4, spec))
+    with pytest.raises(FingerprintMismatch, match="key_space"):
+        PatchIndex.load(tmp_path / "index", expected=Fingerprint.expected(codebook, 4, KeySpec("L", "1")))
+    with pytest.raises(FingerprintMismatch, match="codebook"):
+        PatchIndex.load(tmp_path / "index", expected=Fingerprint.expected(codebook.flip(0), 4, spec))
+
+
+def test_exclusions_by_id_and_hash_and_holdout(tmp_path, vq_dir, database):
+    benchmark = tmp_path / "benchmark"
+    benchmark.mkdir()
+    (benchmark / "database-000.png").write_bytes(png(1000))  # same id, other bytes
+    (benchmark / "mjhq-1.png").write_bytes((database / "images" / "database-005.png").read_bytes())  # same bytes
+    exclusions = write_exclusions(tmp_path / "exclusions.json", [benchmark])
+    assert Exclusions.read(tmp_path / "exclusions.json") == exclusions
+    meta = encode_shard(load_vq(vq_dir), read_sources(database), 0, 1, KeySpec(), exclusions, tmp_path / "s.npz")
+    ids = set(read_shard(tmp_path / "s.npz")["image_ids"].tolist())
+    assert meta["sources"][0]["excluded_id"] == 1 and "database-000" not in ids
+    # database-005 and the other copies of its pixels (i % 9 == 5) share its bytes: all excluded by hash
+    assert meta["sources"][0]["excluded_hash"] == 3 and not ids & {"database-005", "database-014", "database-023"}
+    source = ImageSource("held", str(database), holdout=0.5)
+    kept = encode_shard(load_vq(vq_dir), [source], 0, 1, KeySpec(), Exclusions(), tmp_path / "h.npz")
+    kept_ids = set(read_shard(tmp_path / "h.npz")["image_ids"].tolist())
+    assert kept_ids == {f"database-{i:03d}" for i in range(24) if not held_out("held", f"database-{i:03d}", 0.5)}
+    assert 0 < kept["sources"][0]["held_out"] < 24
+
+
+def test_parquet_and_webdataset_sources(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    (tmp_path / "cc" / "data").mkdir(parents=True)
+    for part in range(2):  # the `datasets` Image feature: a struct of bytes and path
+        ids = [f"cc-{part}-{i}" for i in range(3)]
+        images = [{"bytes": png(10 * part + i), "path": f"{i}.png"} for i in range(3)]
+        pq.write_table(pa.table({"id": ids, "image": images, "caption": ["x"] * 3}),
+                       tmp_path / "cc" / "data" / f"train-{part:05d}.parquet")
+    (tmp_path / "dc").mkdir()
+    with tarfile.open(tmp_path / "dc" / "00000.tar", "w") as tar:
+        for i in range(3):
+            for name, data in ((f"{i:05d}.jpg", png(50 + i)), (f"{i:05d}.txt", b"caption"),
+                               (f"{i:05d}.json", json.dumps({"uid": f"uid{i}"}).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "sources.json").write_text(json.dumps([
+        {"name": "lmms-lab/LLaVA-ReCap-CC12M", "path": "cc", "format": "parquet", "revision": "a" * 40,
+         "holdout": 0.0, "images": 5},
+        {"name": "datacomp", "path": "dc", "format": "webdataset", "id_column": "uid"}]))
+    cc, dc = read_sources(tmp_path)
+    assert [i for i, _ in cc.read()] == [f"cc-{p}-{i}" for p in range(2) for i in range(3)]
+    assert next(iter(cc.read()))[1] == png(0)
+    assert list(dc.read()) == [(f"uid{i}", png(50 + i)) for i in range(3)]
+    from arrag.patchdb.encode import shard_images
+
+    counts = []
+    chosen = list(shard_images([cc, dc], 1, 2, Exclusions(), counts))  # 2 parquet files: shard 1 reads file 1
+    assert [c["kept"] for c in counts] == [2, 1] and counts[0]["over_quota"] == 1  # quota 5 // 2 + 1 / 2
+    assert [image_id for _, image_id, _ in chosen] == ["cc-1-0", "cc-1-1", "uid1"]
+
+
+def test_cli_builds_the_index_and_the_figure_6_analysis(tmp_path, vq_dir, database):
+    heldout = tmp_path / "heldout"
+    (heldout / "images").mkdir(parents=True)
+    for i in range(4):
+        (heldout / "images" / f"heldout-{i}.png").write_bytes(png(100 + i))
+    out = tmp_path / "index"
+    assert main(["exclusion-list", "--out", str(out / "exclusions.json"), str(heldout)]) == 0
+    shards = [str(out / f"shards/{i}.npz") for i in range(2)]
+    for i, shard in enumerate(shards):
+        assert main(["encode-patches", "--images", str(database), "--vq", str(vq_dir), "--shard", str(i),
+                     "--shards", "2", "--exclusions", str(out / "exclusions.json"), "--device", "cpu",
+                     "--out", shard]) == 0
+    assert main(["train-index", "--type", "tokens", "--out", str(out / "trained.faiss"), *shards]) == 0
+    added = [str(out / f"added/{i}.faiss") for i in range(2)]
+    for shard, path in zip(shards, added, strict=True):
+        assert main(["add-shard", "--trained", str(out / "trained.faiss"), "--shard", shard, "--out", path]) == 0
+    assert main(["merge-index", "--added", *added, "--shards", *shards, "--out", str(out / "index.faiss")]) == 0
+    csv_path, png_path = tmp_path / "fig6.csv", tmp_path / "fig6.png"
+    assert main(["retrieval-analysis", "--index", str(out / "index.faiss"), "--vq", str(vq_dir), "--images",
+                 str(heldout), "--k", "5", "--csv", str(csv_path), "--png", str(png_path)]) == 0
+    lines = csv_path.read_text().splitlines()
+    assert lines[0] == "k,mean_distance,mean_random_distance,match_rate,positions" and len(lines) == 6
+    assert png_path.read_bytes()[:4] == b"\x89PNG"
