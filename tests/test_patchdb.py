@@ -15,7 +15,7 @@ from arrag.patchdb.neighbourhood import (
     query_vectors,
     usable_cells,
 )
-from arrag.patchdb.token_index import TokenStore, pack_codes, train_lists, unpack_codes
+from arrag.patchdb.token_index import TokenStore, most_frequent_first, pack_codes, train_lists, unpack_codes
 
 GRID3 = torch.arange(9).view(1, 3, 3)  # token = raster position
 
@@ -146,6 +146,25 @@ def test_token_codes_are_faiss_pq_codes():
     assert np.array_equal(pack_codes(keys, 6), store.codes)
     vectors = np.ascontiguousarray(table[keys].reshape(len(keys), -1))
     assert np.array_equal(faiss.downcast_index(store._index).pq.compute_codes(vectors), store.codes)
+
+
+def test_every_key_is_in_the_list_of_its_nearest_centre():
+    import faiss
+
+    codebook = F.normalize(torch.randn(40, 8), dim=-1)
+    store, _, _, _ = store_for(torch.randint(10, (30, 5, 5)), codebook, KeySpec("L", "1"), nlist=6)
+    table = torch.cat([codebook, torch.zeros(1, 8)]).numpy()
+    vectors = np.ascontiguousarray(table[unpack_codes(store.codes, 6, 4)].reshape(len(store.codes), -1))
+    nearest = faiss.IndexFlatL2(32)
+    nearest.add(store.centroids)
+    lists = np.repeat(np.arange(6), np.diff(store.list_start))
+    assert np.array_equal(nearest.search(vectors, 1)[1][:, 0], lists)
+
+
+def test_equally_distant_patches_come_most_frequent_value_first():
+    keys, tokens = np.array([4, 4, 4, 4, 4, 1, 1, 1]), np.array([5, 5, 7, 7, 7, 2, 3, 3])
+    order = most_frequent_first(keys, tokens)  # keys keep their order (4 before 1)
+    assert tokens[order].tolist() == [7, 7, 7, 5, 5, 3, 3, 2] and keys[order].tolist() == keys.tolist()
 
 
 def test_minus_one_is_never_a_token():

@@ -79,7 +79,7 @@ def read_sources(folder: str | Path) -> list[ImageSource]:
     folder = Path(folder)
     listing = folder / "sources.json"
     if not listing.is_file():
-        return [ImageSource(name=f"{folder.parent.name}/{folder.name}", path=str(folder))]
+        return [ImageSource(name=f"{folder.resolve().parent.name}/{folder.resolve().name}", path=str(folder))]
     return [ImageSource(**{**entry, "path": str(folder / entry["path"])}) for entry in json.loads(listing.read_text())]
 
 

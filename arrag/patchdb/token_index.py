@@ -12,7 +12,8 @@ distinct keys are indexed, in an IVF (k-means lists over the distinct keys' vect
 sub-codebooks (FAISS IndexIVFPQ, by_residual off, ceil(log2(V + 1)) bits per slot). The only approximation is
 IVF probing: a query visits `nprobe` lists (nprobe = nlist is exact search).
 
-Stored arrays (sorted by list, key, value token, patch id):
+Stored arrays (sorted by list, key, run size (largest first, so that equally distant patches come most frequent
+value first), value token, patch id):
 
     codes       [U, c]  uint8    distinct token tuples (V = missing neighbour) packed as FAISS PQ codes,
                                  c = ceil(S * ceil(log2(V + 1)) / 8) bytes (5 for Shapes, 8 for Janus-Pro, L1)
@@ -82,6 +83,20 @@ def train_lists(vectors: np.ndarray, nlist: int, seed: int) -> np.ndarray:
     kmeans = faiss.Kmeans(vectors.shape[1], nlist, niter=20, seed=seed, min_points_per_centroid=1)
     kmeans.train(np.ascontiguousarray(vectors, dtype=np.float32))
     return kmeans.centroids
+
+
+def most_frequent_first(keys: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """Permutation of rows sorted by (key, token) that orders each key's runs by decreasing size (then token):
+    equally distant patches are returned most frequent value first."""
+    key_new = np.ones(len(keys), dtype=bool)
+    key_new[1:] = keys[1:] != keys[:-1]
+    new = key_new.copy()
+    new[1:] |= tokens[1:] != tokens[:-1]
+    first = np.flatnonzero(new)
+    size = np.diff(np.append(first, len(keys)))
+    runs = np.lexsort((tokens[first], -size, np.cumsum(key_new)[first]))  # keys keep their order
+    offsets = np.repeat(first[runs] - np.concatenate([[0], np.cumsum(size[runs])[:-1]]), size[runs])
+    return offsets + np.arange(len(keys))
 
 
 @dataclass
@@ -166,6 +181,7 @@ class TokenStore:
             part = distinct[start:start + (1 << 18)]
             lists[start:start + len(part)] = quantizer.search(table[part].reshape(len(part), -1), 1)[1][:, 0]
         order = np.lexsort((patch_ids, tokens, inverse.ravel(), lists[inverse.ravel()]))
+        order = order[most_frequent_first(inverse.ravel()[order], np.asarray(tokens)[order])]
         key_of, tokens, patch_ids = inverse.ravel()[order], np.asarray(tokens)[order], np.asarray(patch_ids)[order]
         count = len(tokens)
         key_new = np.ones(count, dtype=bool)
