@@ -21,6 +21,8 @@ rule image_metric:
         seed=config["seed"],
         config_hash=CONFIG_HASH,
     threads: 2
+    resources:
+        gpu=0 if SHAPES else 1,
     conda:
         MAIN_ENV
     log:
@@ -45,6 +47,8 @@ rule geneval_score:
         backend=geneval_backend_args(),
         seed=config["seed"],
         config_hash=CONFIG_HASH,
+    resources:
+        gpu=0 if SHAPES else 1,
     conda:
         GENEVAL_ENV
     log:
@@ -69,6 +73,8 @@ rule dpg_score:
         backend=dpg_backend_args(),
         seed=config["seed"],
         config_hash=CONFIG_HASH,
+    resources:
+        gpu=0 if SHAPES else 1,
     conda:
         DPG_ENV
     log:

@@ -12,6 +12,8 @@ rule precompute_retrievals:
     params:
         k=config["faid"]["k"],
         shards=config["index"]["shards"],
+    resources:
+        gpu=0 if SHAPES else 1,
     conda:
         MAIN_ENV
     log:

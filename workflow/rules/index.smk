@@ -48,6 +48,8 @@ rule encode_patches:
         key_args=INDEX_KEY_ARGS,
         batch_size=INDEX["batch_size"],
         revision=VQ_REVISION,
+    resources:
+        gpu=0 if SHAPES else 1,
     conda:
         MAIN_ENV
     log:
@@ -133,6 +135,8 @@ rule retrieval_analysis:
         k=INDEX["analysis_k"],
         seed=config["seed"],
         revision=VQ_REVISION,
+    resources:
+        gpu=0 if SHAPES else 1,
     conda:
         MAIN_ENV
     log:
