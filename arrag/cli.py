@@ -80,31 +80,63 @@ def cmd_build_clip_index(args: argparse.Namespace) -> None:
     print(f"{meta['n']} images, {meta['dim']}-d {meta['clip']['model']} embeddings in {args.out}")
 
 
-def cmd_finetune_racm3(args: argparse.Namespace) -> None:
-    from arrag.racm3 import RACM3Config, finetune_racm3
+def _finetune_config(args: argparse.Namespace):
     from arrag.training.finetune import FinetuneConfig
 
-    tuning = FinetuneConfig(epochs=args.epochs, global_batch=args.global_batch, micro_batch=args.micro_batch,
-                            lr=args.lr, warmup_fraction=args.warmup_fraction, lora_rank=args.lora_rank,
-                            lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                            train_generation_head=not args.freeze_generation_head, seed=args.seed)
-    config = RACM3Config(top_n=args.top_n, caption_dropout=args.caption_dropout, finetune=tuning)
-    metrics = finetune_racm3(args.backbone, args.images, args.clip_index, args.out, args.checkpoint, config,
-                             _device(args.device), args.revision or None)
+    return FinetuneConfig(epochs=args.epochs, global_batch=args.global_batch, micro_batch=args.micro_batch,
+                          lr=args.lr, warmup_fraction=args.warmup_fraction, lora_rank=args.lora_rank,
+                          lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                          train_generation_head=not args.freeze_generation_head, seed=args.seed)
+
+
+def _finetune_device(name: str) -> str:
+    """The device of this process; under torchrun (several GPUs) it joins the process group first."""
+    from arrag.training.finetune import init_distributed
+
+    return init_distributed(_device(name))
+
+
+def _print_finetune(metrics: dict) -> None:
     print(f"loss {metrics['loss_first']:.3f} -> {metrics['loss_last']:.3f} in {metrics['optimizer_steps']} steps "
           f"({metrics['train_seconds']:.0f} s)")
+
+
+def cmd_finetune_racm3(args: argparse.Namespace) -> None:
+    from arrag.racm3 import RACM3Config, finetune_racm3
+
+    config = RACM3Config(top_n=args.top_n, caption_dropout=args.caption_dropout, finetune=_finetune_config(args))
+    metrics = finetune_racm3(args.backbone, args.images, args.clip_index, args.out, args.checkpoint, config,
+                             _finetune_device(args.device), args.revision or None)
+    _print_finetune(metrics)
     if "retrieval" in metrics:
         print(f"retrieval top-1 shows the caption's objects: {metrics['retrieval']['top1_objects']:.3f} "
               f"(chance {metrics['retrieval']['chance_objects']:.3f})")
+
+
+def cmd_precompute_retrievals(args: argparse.Namespace) -> None:
+    from arrag.faid.train import precompute_retrievals
+
+    summary = precompute_retrievals(args.index, args.backbone, args.images, args.k, args.shard, args.shards, args.out,
+                                    _device(args.device), args.revision or None)
+    print(json.dumps(summary))
+
+
+def cmd_finetune_faid(args: argparse.Namespace) -> None:
+    from arrag.faid.augment import FAiDSettings
+    from arrag.faid.train import finetune_faid
+
+    settings = FAiDSettings(hops=args.hops, m=args.num_blenders, k=args.k, init=args.init)
+    metrics = finetune_faid(args.backbone, args.images, args.retrievals, args.out, args.checkpoint, settings,
+                            _finetune_config(args), args.caption_dropout, _finetune_device(args.device),
+                            args.revision or None)
+    _print_finetune(metrics)
+    print(f"blenders on layers {metrics['layers']}: {metrics['blender_parameters']} parameters")
 
 
 def _device(name: str) -> str:
     import torch
 
     return name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-METHODS_NOT_YET = {"faid": "FAiD generation (FAiD issue)"}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -114,9 +146,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         record = gather_records(args.shard_records, args.record, args.images)
         print(f"{record['images']} images, {record['generation_seconds']:.1f} s of generation")
         return 0
-    if args.method in METHODS_NOT_YET:
-        print(f"not implemented yet: {METHODS_NOT_YET[args.method]}", file=sys.stderr)
-        return 3
     from arrag.models.janus import SamplingConfig, load_backbone
 
     device = _device(args.device)
@@ -127,9 +156,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.method == "racm3":
         from arrag.racm3 import load_racm3
 
-        if not (args.weights and args.clip_index):
-            raise SystemExit("--method racm3 needs --weights (finetune-racm3 output) and --clip-index")
-        retriever, method_settings = load_racm3(backbone, args.weights, args.clip_index, device)
+        if not (args.weights and len(args.weights) == 1 and args.clip_index):
+            raise SystemExit("--method racm3 needs --weights (one finetune-racm3 output) and --clip-index")
+        retriever, method_settings = load_racm3(backbone, args.weights[0], args.clip_index, device)
 
         def method_inputs(prompts: list[str]) -> dict:
             return {"prefix_image_tokens": retriever(prompts)}
@@ -146,6 +175,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         def method_inputs(prompts: list[str]) -> dict:
             return {"prob_hook": hook}
+
+    if args.method == "faid":
+        from arrag.daid import load_index_for
+        from arrag.faid.augment import index_retriever
+        from arrag.faid.train import load_faid, weights_for
+
+        if not (args.index and args.weights):
+            raise SystemExit("--method faid needs --index (the patch index) and --weights (finetune-faid output)")
+        weights = weights_for(args.variant, args.weights, args.selection)
+        faid, method_settings = load_faid(backbone, weights, blend_unconditional=args.blend_unconditional)
+        index = load_index_for(backbone.vq, args.index)
+        modules = faid.decode_modules(backbone, index_retriever(index, faid.settings.k))
+        method_settings["index"] = str(args.index)
+
+        def method_inputs(prompts: list[str]) -> dict:
+            return {"layer_modules": modules, "blend_unconditional": args.blend_unconditional}
 
     record = generate_shard(backbone, args.benchmark, args.prompts, args.images, args.shard, args.shards, args.seed,
                             sampling, args.micro_batch, args.samples_per_prompt, args.ablation_subset, args.method,
@@ -360,15 +405,14 @@ def _add_build_clip_index(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-workers", type=int, default=0, help="image decoding workers")
 
 
-def _add_finetune_racm3(parser: argparse.ArgumentParser) -> None:
+def _finetune_options(parser: argparse.ArgumentParser) -> None:
+    """Options of the shared fine-tuning loop (`arrag.training.finetune.FinetuneConfig`; paper defaults)."""
     parser.add_argument("--backbone", required=True, help="hub id or local folder of the backbone")
     parser.add_argument("--revision", default="", help="pinned hub revision (empty: none)")
     parser.add_argument("--images", required=True, type=Path, help="fine-tuning split (images + annotations.jsonl)")
-    parser.add_argument("--clip-index", required=True, type=Path, help="build-clip-index output")
     parser.add_argument("--out", required=True, type=Path, help="weights folder to write")
     parser.add_argument("--checkpoint", required=True, type=Path, help="resumable checkpoint folder")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--top-n", type=int, default=1, help="retrieved images per prompt")
     parser.add_argument("--caption-dropout", type=float, default=0.1)
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--global-batch", type=int, default=256)
@@ -380,6 +424,34 @@ def _add_finetune_racm3(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-dropout", type=float, default=0.05)
     parser.add_argument("--freeze-generation-head", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+
+
+def _add_finetune_racm3(parser: argparse.ArgumentParser) -> None:
+    _finetune_options(parser)
+    parser.add_argument("--clip-index", required=True, type=Path, help="build-clip-index output")
+    parser.add_argument("--top-n", type=int, default=1, help="retrieved images per prompt")
+
+
+def _add_precompute_retrievals(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--index", required=True, type=Path, help="the patch index")
+    parser.add_argument("--backbone", required=True, help="hub id or local folder of the backbone (its VQ)")
+    parser.add_argument("--revision", default="", help="pinned hub revision (empty: none)")
+    parser.add_argument("--images", required=True, type=Path, help="fine-tuning split (images + annotations.jsonl)")
+    parser.add_argument("--k", type=int, default=10, help="retrieved patches per position (paper: 10)")
+    parser.add_argument("--shard", type=int, default=0)
+    parser.add_argument("--shards", type=int, default=1)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--out", required=True, type=Path, help=".npz file to write")
+
+
+def _add_finetune_faid(parser: argparse.ArgumentParser) -> None:
+    _finetune_options(parser)
+    parser.add_argument("--hops", required=True, help="blender hop levels, e.g. 1, 2 or 12")
+    parser.add_argument("--num-blenders", required=True, type=int, help="number of blender modules m")
+    parser.add_argument("--k", type=int, default=10, help="retrieved patches per position")
+    parser.add_argument("--init", default="zero", choices=["zero", "official"],
+                        help="blender initialisation: zero output convolutions (default) or the official Kaiming")
+    parser.add_argument("retrievals", nargs="+", type=Path, help="precompute-retrievals shard files")
 
 
 def _add_generate(parser: argparse.ArgumentParser) -> None:
@@ -402,7 +474,10 @@ def _add_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ablation-subset", type=int, default=0, help="mjhq_ablation: number of prompts")
     parser.add_argument("--images", required=True, type=Path, help="output image folder (shared by the shards)")
     parser.add_argument("--record", required=True, type=Path, help="provenance record (JSON) to write")
-    parser.add_argument("--weights", type=Path, help="fine-tuned weights folder (RA-CM3, FAiD)")
+    parser.add_argument("--weights", type=Path, nargs="+", help="fine-tuned weights folder (RA-CM3; FAiD: the "
+                        "folder of the variant, or with --variant selected the folders of every ablation cell)")
+    parser.add_argument("--blend-unconditional", action="store_true",
+                        help="FAiD: augment the unconditional CFG branch too (the official code does not)")
     parser.add_argument("--clip-index", type=Path, help="RA-CM3: build-clip-index output")
     parser.add_argument("--index", type=Path, help="DAiD / FAiD: the patch index")
     parser.add_argument("--selection", type=Path, help="DAiD / FAiD: the selected ablation values")
@@ -556,9 +631,10 @@ COMMANDS = {
                            "retrieval analysis (Patch database issue)", _add_retrieval_analysis),
     "build-clip-index": (cmd_build_clip_index, "image-level CLIP index for RA-CM3", "RA-CM3 retrieval (RA-CM3 issue)",
                          _add_build_clip_index),
-    "precompute-retrievals": (None, "top-k retrievals for every position of the fine-tuning images",
-                              "FAiD training data (FAiD issue)", _no_arguments),
-    "finetune-faid": (None, "fine-tune FAiD blenders (and LoRA)", "FAiD fine-tuning (FAiD issue)", _no_arguments),
+    "precompute-retrievals": (cmd_precompute_retrievals, "top-k retrievals for every position of the fine-tuning "
+                              "images", "FAiD training data (FAiD issue)", _add_precompute_retrievals),
+    "finetune-faid": (cmd_finetune_faid, "fine-tune FAiD blenders (and LoRA)", "FAiD fine-tuning (FAiD issue)",
+                      _add_finetune_faid),
     "finetune-racm3": (cmd_finetune_racm3, "fine-tune the backbone with prepended retrieved images",
                        "RA-CM3 fine-tuning (RA-CM3 issue)", _add_finetune_racm3),
     "generate": (cmd_generate, "generate one shard of a benchmark with one method, or --gather the shards",

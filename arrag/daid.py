@@ -67,12 +67,7 @@ class DAiDHook:
 
     def __call__(self, probs: torch.Tensor, tokens: torch.Tensor, step: int) -> torch.Tensor:
         started = time.perf_counter()
-        queries, usable = self.index.queries(tokens.cpu(), step)
-        retrieved = torch.full((len(probs), self.settings.k), -1, dtype=torch.long)
-        distances = torch.full((len(probs), self.settings.k), float("inf"))
-        if usable.any():
-            retrieved[usable], distances[usable] = self.index.search(queries[usable], self.settings.k,
-                                                                     self.settings.unique)
+        retrieved, distances = self.index.retrieve(tokens, step, self.settings.k, self.settings.unique)
         self.seconds += time.perf_counter() - started
         return merge_distributions(probs, retrieved.to(probs.device), distances.to(probs.device),
                                    self.settings.tau, self.settings.lam)

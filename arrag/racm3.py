@@ -26,10 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from tqdm import tqdm
 
-from arrag.clip import ClipIndex, image_root, pixels_sha256, retrieval_accuracy
+from arrag.clip import ClipIndex, pixels_sha256, retrieval_accuracy
 from arrag.models.janus import (
     JanusBackbone,
     forward_teacher_forced,
@@ -37,11 +35,17 @@ from arrag.models.janus import (
     tokenize_prompts,
     unconditional_ids,
 )
-from arrag.models.vq import encode_images
 from arrag.shapes.dataset import read_annotations
-from arrag.training.finetune import ADAPTER_FILE, FinetuneConfig, finetune, load_finetuned
-from arrag.training.vq import to_model_input
-from evaluators.io import load_rgb, sha256_file, write_bytes_atomic, write_json_atomic
+from arrag.training.finetune import (
+    ADAPTER_FILE,
+    FinetuneConfig,
+    distributed_rank,
+    finetune,
+    finetune_pairs,
+    load_finetuned,
+    vq_tokens,
+)
+from evaluators.io import sha256_file, write_bytes_atomic, write_json_atomic
 
 SETTINGS_FILE = "racm3.json"
 
@@ -51,30 +55,6 @@ class RACM3Config:
     top_n: int = 1  # retrieved images per prompt (paper: 1)
     caption_dropout: float = 0.1  # rows trained with the unconditional prompt (reference kept)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-
-
-def load_square(path: str | Path, size: int) -> np.ndarray:
-    """An image as uint8 [size, size, 3]: centre square crop, then bicubic resize when the side differs."""
-    image = load_rgb(path)
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    image = image.crop((left, top, left + side, top + side))
-    if side != size:
-        image = image.resize((size, size), Image.BICUBIC)
-    return np.asarray(image)
-
-
-@torch.no_grad()
-def vq_tokens(backbone: JanusBackbone, files: list[Path], batch_size: int = 64) -> torch.Tensor:
-    """Image files -> their VQ tokens [n, N] (raster order, on the CPU), read and encoded in batches."""
-    size = backbone.model.config.vision_config.image_size
-    device = backbone.model.device
-    chunks = []
-    for start in tqdm(range(0, len(files), batch_size), desc="VQ-tokenise images", mininterval=5,
-                      disable=len(files) <= batch_size):
-        images = torch.from_numpy(np.stack([load_square(f, size) for f in files[start:start + batch_size]]))
-        chunks.append(encode_images(backbone.vq, to_model_input(images).to(device)).flatten(1).cpu())
-    return torch.cat(chunks)
 
 
 class PrefixRetriever:
@@ -122,9 +102,7 @@ def finetune_racm3(backbone_source: str, train_dir: str | Path, clip_index_dir: 
     and write `out_dir`: the fine-tuning outputs, racm3.json (top_n, CLIP index), retrievals.jsonl (per training
     example: retrieved database ids and scores) and metrics.json (with the Shapes retrieval accuracy)."""
     backbone = load_backbone(backbone_source, revision=revision, device=device)
-    records = read_annotations(train_dir)
-    captions = [r["caption"] for r in records]
-    files = [image_root(train_dir) / f"{r['id']}.png" for r in records]
+    records, captions, files = finetune_pairs(train_dir)
     index = ClipIndex(clip_index_dir, device=device)
     retriever = PrefixRetriever(index, backbone, config.top_n)
     scores, rows = retriever.retrieve(captions, exclude=[{pixels_sha256(f)} for f in files])
@@ -135,6 +113,8 @@ def finetune_racm3(backbone_source: str, train_dir: str | Path, clip_index_dir: 
     metrics = finetune(backbone, examples, loss_fn, config.finetune, out_dir, checkpoint_dir,
                        title="RA-CM3 fine-tuning")
 
+    if distributed_rank()[0] != 0:
+        return metrics
     out_dir = Path(out_dir)
     write_json_atomic(out_dir / SETTINGS_FILE, {
         "top_n": config.top_n, "caption_dropout": config.caption_dropout,

@@ -37,7 +37,8 @@ Extension points (each costs nothing when absent):
     token 0 .. t-1, in raster order (the state of token t-1 is computed in this very step), ``tokens`` [B, t]
     the image tokens generated so far. It returns a residual [B, D] (or None for no change) that is added at
     the position predicting image token t. Only the conditional CFG rows are passed and changed; the
-    unconditional rows run unmodified (the official code zeroes the unconditional residual).
+    unconditional rows run unmodified (the official code zeroes the unconditional residual), unless
+    `generate_tokens(..., blend_unconditional=True)`, which passes all 2B rows (conditional first).
   - teacher forcing (`forward_teacher_forced`): ``module(states, tokens, None)`` with ``states`` [B, N, D]
     (row j: state of the position whose input is image token j), ``tokens`` [B, N]; it returns [B, N, D] (or
     None) where row i is the residual for the position predicting image token i. Row i must depend only on
@@ -441,10 +442,13 @@ def generate_tokens(
     prob_hook: ProbHook | None = None,
     layer_modules: dict[int, nn.Module] | None = None,
     prefix_image_tokens: torch.Tensor | None = None,
+    blend_unconditional: bool = False,
 ) -> torch.Tensor:
     """Image tokens [B, N] (raster order) for captions `prompts` [B] with per-image `seeds` [B].
 
     See the module docstring for the hook, layer-module and prefix (`prefix_image_tokens` [B, M]) contracts.
+    With `blend_unconditional` the layer modules also see and change the unconditional CFG rows (rows B..2B-1
+    of their inputs, tokens repeated), which the official FAiD code does not do.
     """
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -468,15 +472,17 @@ def generate_tokens(
     tokens = torch.zeros(batch, num_tokens, dtype=torch.long, device=device)
 
     # FAiD plumbing: per chosen layer, the input-normalised states of image positions [B, N, D]
-    states = {i: embeds.new_zeros(batch, num_tokens, embeds.shape[-1]) for i in layer_modules}
+    rows = 2 * batch if blend_unconditional else batch  # the rows the layer modules see and change
+    states = {i: embeds.new_zeros(rows, num_tokens, embeds.shape[-1]) for i in layer_modules}
     step = 0  # read by blend(), advanced by the decode loop
 
     def blend(layer: int, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         if step > 0:
-            states[layer][:, step - 1] = x[:batch, -1]  # the input this step is image token step-1
-        residual = layer_modules[layer](states[layer][:, :step], tokens[:, :step], step)
+            states[layer][:, step - 1] = x[:rows, -1]  # the input this step is image token step-1
+        generated = tokens[:, :step].repeat(rows // batch, 1)
+        residual = layer_modules[layer](states[layer][:, :step], generated, step)
         if residual is not None:
-            h[:batch, -1] += residual.to(h.dtype)  # conditional rows, predicting position
+            h[:rows, -1] += residual.to(h.dtype)  # conditional rows (and unconditional if asked), predicting position
         return h
 
     after_attention = {i: partial(blend, i) for i in layer_modules}

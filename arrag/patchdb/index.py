@@ -149,6 +149,18 @@ class PatchIndex:
         """Generation-time queries (see `neighbourhood.query_vectors`): tokens [B, t] -> ([B, D], usable [B])."""
         return query_vectors(tokens, step, self.grid, self.codebook, self.spec)
 
+    def retrieve(self, tokens: torch.Tensor, step: int, k: int, unique: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One generation step for a batch: tokens [B, t] generated so far -> (top-k tokens [B, k] long,
+        distances [B, k]) for raster position `step`, one search for all rows; rows the edge policy leaves
+        without a usable key get -1 / inf throughout."""
+        queries, usable = self.queries(tokens.cpu(), step)
+        retrieved = torch.full((len(tokens), k), -1, dtype=torch.long)
+        distances = torch.full((len(tokens), k), float("inf"))
+        if usable.any():
+            retrieved[usable], distances[usable] = self.search(queries[usable], k, unique)
+        return retrieved, distances
+
     def grid_queries(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forcing queries of whole grids: tokens [B, h, w] -> ([B, h * w, D], usable [h * w])."""
         return grid_queries(tokens, self.codebook, self.spec)

@@ -240,7 +240,7 @@ def train_clip(split_dir: str | Path, out_dir: str | Path, checkpoint: str | Pat
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         log.add(step, loss=loss.item(), logit_scale=model.logit_scale.exp().item())
-        progress.set_postfix(loss=f"{loss.item():.3f}")
+        progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
             save_checkpoint(checkpoint, {"config": asdict(config), "model": model.state_dict(),
                                          "optimizer": optimizer.state_dict(), "log": log.rows, "step": step + 1,

@@ -21,11 +21,15 @@ method's own randomness (e.g. caption dropout). RA-CM3 passes ``prefix_image_tok
 LoRA is injected in place (`peft.inject_adapter_in_model` on ``model.model.language_model``), so module paths
 such as ``model.model.language_model.layers[i]`` stay valid for the decode loop and for layer modules.
 
+Several GPUs: run the command under ``torchrun --nproc_per_node G``; each process takes every G-th micro-batch
+of a step and the gradients are summed (all-reduce) before the update, so the weights equal a single-process
+run's up to floating-point summation order; process 0 writes checkpoints and outputs.
+
 Checkpoints (a folder, resumable): ``adapter-<step>.safetensors`` (every trainable tensor) and ``state.pt``
 (optimizer state, step, loss log, elapsed time; read with ``torch.load(weights_only=True)``) that names its
-adapter file; both are written atomically, the state last. Each optimizer step reseeds torch's global RNG
-from (seed, step) (LoRA dropout), and its rows come from `batch_indices`, so a resumed run ends with the same
-weights as an uninterrupted one.
+adapter file; both are written atomically, the state last. Each micro-batch reseeds torch's global RNG from
+(seed, step, micro-batch) (LoRA dropout), and a step's rows come from `batch_indices`, so a resumed run ends
+with the same weights as an uninterrupted one.
 
 Output folder: adapter.safetensors (trainable tensors, by their names in the backbone; extra modules under
 ``extra.<name>.``), finetune.json (config, LoRA settings, base model), loss.csv, loss.png. `load_finetuned`
@@ -42,16 +46,22 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
+from PIL import Image
 from safetensors.torch import load_file, save
 from torch import nn
 from tqdm import tqdm
 
+from arrag.clip import image_root
 from arrag.models.janus import JanusBackbone
+from arrag.models.vq import encode_images
+from arrag.shapes.dataset import read_annotations
 from arrag.training.loop import LossLog, batch_indices, load_checkpoint, save_checkpoint, step_generator
-from evaluators.io import write_bytes_atomic, write_json_atomic
+from arrag.training.vq import to_model_input
+from evaluators.io import load_rgb, write_bytes_atomic, write_json_atomic
 
 LossFunction = Callable[[JanusBackbone, dict[str, torch.Tensor], torch.Generator], torch.Tensor]
 ADAPTER_FILE = "adapter.safetensors"
@@ -75,6 +85,40 @@ class FinetuneConfig:
     bf16: bool | None = None  # None: bf16 autocast on GPU, fp32 on CPU
     checkpoint_every: int = 50  # optimizer steps
     seed: int = 0
+
+
+def load_square(path: str | Path, size: int) -> np.ndarray:
+    """An image as uint8 [size, size, 3]: centre square crop, then bicubic resize when the side differs."""
+    image = load_rgb(path)
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    image = image.crop((left, top, left + side, top + side))
+    if side != size:
+        image = image.resize((size, size), Image.BICUBIC)
+    return np.asarray(image)
+
+
+@torch.no_grad()
+def vq_tokens(backbone: JanusBackbone, files: list[Path], batch_size: int = 64) -> torch.Tensor:
+    """Image files -> their VQ tokens [n, N] (raster order, on the CPU), read and encoded in batches."""
+    size = backbone.model.config.vision_config.image_size
+    device = backbone.model.device
+    chunks = []
+    for start in tqdm(range(0, len(files), batch_size), desc="VQ-tokenise images", mininterval=5,
+                      disable=len(files) <= batch_size):
+        images = torch.from_numpy(np.stack([load_square(f, size) for f in files[start:start + batch_size]]))
+        chunks.append(encode_images(backbone.vq, to_model_input(images).to(device)).flatten(1).cpu())
+    return torch.cat(chunks)
+
+
+def finetune_pairs(train_dir: str | Path) -> tuple[list[dict], list[str], list[Path]]:
+    """A fine-tuning split folder (images/<id>.png + annotations.jsonl with captions) -> (records, captions,
+    image files), in id order."""
+    records = read_annotations(train_dir)
+    missing = [r.get("id", "?") for r in records if not r.get("caption")]
+    if missing:
+        raise ValueError(f"{Path(train_dir) / 'annotations.jsonl'}: records {missing[:5]} have no 'caption'")
+    return records, [r["caption"] for r in records], [image_root(train_dir) / f"{r['id']}.png" for r in records]
 
 
 def optimizer_steps(config: FinetuneConfig, n_examples: int) -> int:
@@ -127,6 +171,37 @@ def _load_tensors(parameters: dict[str, nn.Parameter], path: Path) -> None:
             parameter.copy_(tensors[name])
 
 
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) of the torchrun process group; (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: str) -> str:
+    """Under torchrun (WORLD_SIZE > 1) join the process group (NCCL on GPUs, gloo on CPUs) and return this
+    process's device; otherwise return `device` unchanged."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    backend = "nccl" if device != "cpu" and torch.cuda.is_available() else "gloo"
+    torch.distributed.init_process_group(backend)
+    return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if backend == "nccl" else "cpu"
+
+
+def all_reduce_gradients(parameters: dict[str, nn.Parameter], total: float, device: torch.device) -> float:
+    """Sum the gradients (each process holds its micro-batches' share of the step's mean) and the logged loss
+    over the processes; returns the summed loss."""
+    for parameter in parameters.values():
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+        torch.distributed.all_reduce(parameter.grad)
+    loss = torch.tensor([total], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(loss)
+    return float(loss.item())
+
+
 def finetune(
     backbone: JanusBackbone,
     examples: dict[str, torch.Tensor],
@@ -141,6 +216,7 @@ def finetune(
     return training metrics. Resumes from `checkpoint_dir` when it holds a checkpoint of the same config."""
     extra_modules = extra_modules or {}
     device = backbone.model.device
+    rank, world = distributed_rank()
     bf16 = config.bf16 if config.bf16 is not None else device.type == "cuda"
     n_examples = len(next(iter(examples.values())))
     if any(len(v) != n_examples for v in examples.values()):
@@ -169,27 +245,32 @@ def finetune(
     for module in extra_modules.values():
         module.train()
     started = time.perf_counter() - seconds
-    progress = tqdm(range(start, steps), desc=title, unit="step", initial=start, total=steps, mininterval=5)
+    progress = tqdm(range(start, steps), desc=title, unit="step", initial=start, total=steps, mininterval=5,
+                    disable=rank != 0)
     for step in progress:
-        torch.manual_seed(config.seed * 1_000_039 + step)  # dropout: a function of (seed, step) only
         rows = batch_indices(n_examples, config.global_batch, step, config.seed)
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for micro, micro_rows in enumerate(rows.split(config.micro_batch)):
+            if micro % world != rank:  # torchrun: micro-batches are dealt out to the processes
+                continue
+            torch.manual_seed((config.seed * 1_000_039 + step) * 1_000 + micro)  # dropout: (seed, step, micro)
             batch = {key: value[micro_rows].to(device) for key, value in examples.items()}
             generator = step_generator(config.seed, step * 1_000 + micro)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = loss_fn(backbone, batch, generator).float()
             (loss * len(micro_rows) / len(rows)).backward()
             total += loss.item() * len(micro_rows) / len(rows)
+        if world > 1:
+            total = all_reduce_gradients(parameters, total, device)
         lr = learning_rate(config, step, steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         torch.nn.utils.clip_grad_norm_(parameters.values(), config.max_grad_norm)
         optimizer.step()
         log.add(step, loss=total, lr=lr)
-        progress.set_postfix(loss=f"{total:.3f}")
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == steps:
+        progress.set_postfix(loss=f"{total:.3f}", refresh=False)
+        if rank == 0 and ((step + 1) % config.checkpoint_every == 0 or step + 1 == steps):
             adapter = f"adapter-{step + 1}.safetensors"
             _save_tensors(parameters, checkpoint_dir / adapter)
             save_checkpoint(checkpoint_dir / "state.pt", {
@@ -205,12 +286,15 @@ def finetune(
         module.eval()
 
     out_dir = Path(out_dir)
-    _save_tensors(parameters, out_dir / ADAPTER_FILE)
-    write_json_atomic(out_dir / SETTINGS_FILE, {
-        "base": {"source": backbone.source, "revision": backbone.revision},
-        "config": asdict(config), "extra_modules": sorted(extra_modules), "trainable_tensors": len(parameters)})
-    log.write_csv(out_dir / "loss.csv")
-    log.plot(out_dir / "loss.png", title)
+    if rank == 0:
+        _save_tensors(parameters, out_dir / ADAPTER_FILE)
+        write_json_atomic(out_dir / SETTINGS_FILE, {
+            "base": {"source": backbone.source, "revision": backbone.revision},
+            "config": asdict(config), "extra_modules": sorted(extra_modules), "trainable_tensors": len(parameters)})
+        log.write_csv(out_dir / "loss.csv")
+        log.plot(out_dir / "loss.png", title)
+    if world > 1:
+        torch.distributed.barrier()
     losses = [row["loss"] for row in log.rows]
     window = max(1, min(10, len(losses) // 4))
     return {"optimizer_steps": steps, "examples": n_examples,

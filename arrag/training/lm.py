@@ -138,7 +138,7 @@ def train_lm(train_dir: str | Path, vq_dir: str | Path, out_dir: str | Path, che
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         log.add(step, loss=loss.item(), lr=learning_rate(config, step))
-        progress.set_postfix(loss=f"{loss.item():.3f}")
+        progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
             save_checkpoint(checkpoint, {"config": asdict(config), "model": backbone.model.state_dict(),
                                          "optimizer": optimizer.state_dict(), "log": log.rows, "step": step + 1,

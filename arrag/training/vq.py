@@ -153,7 +153,7 @@ def train_vq(images_dir: str | Path, out_dir: str | Path, checkpoint: str | Path
             logged["restarted"] = restart_dead_codes(vq, usage, latents, step_generator(config.seed, step))
             usage.zero_()
         log.add(step, **{k: v for k, v in logged.items() if k != "restarted"})
-        progress.set_postfix(loss=f"{logged['loss']:.3f}", psnr=f"{logged['psnr']:.1f}")
+        progress.set_postfix(loss=f"{logged['loss']:.3f}", psnr=f"{logged['psnr']:.1f}", refresh=False)
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
             save_checkpoint(checkpoint, {"config": asdict(config), "model": vq.state_dict(),
                                          "optimizer": optimizer.state_dict(), "usage": usage, "log": log.rows,

@@ -103,6 +103,21 @@ def pinned_values(method):
     return [a for name, value in zip(names, values) for a in ("--pin", f"{name}{value}")]
 
 
+def faid_weight_variants(variant):
+    """The FAiD fine-tunes a generation needs: its own cell, or for 'selected' every cell it may select (the
+    pinned one when the config pins hops and m, else the whole grid)."""
+    if variant != "selected":
+        return [variant]
+    if pinned_values("faid"):
+        return [f"hops{config['faid']['hops']}_m{config['faid']['m']}"]
+    return faid_variants()
+
+
+def finetune_arguments(settings):
+    """A `finetune` config block as command-line arguments of the shared fine-tuning loop (a list)."""
+    return [a for key, value in settings.items() for a in (f"--{key.replace('_', '-')}", str(value))]
+
+
 def main_variant(method):
     """vanilla and RA-CM3 have one setting; DAiD and FAiD use the values selected from their ablation."""
     return "default" if method in ("vanilla", "racm3") else "selected"
@@ -115,14 +130,25 @@ def method_inputs(wildcards):
     inputs = {}
     if method in ("daid", "faid"):
         inputs["index"] = f"{R}/index/index.faiss"
-    if method == "faid" and variant != "selected":
-        inputs["weights"] = f"{R}/models/faid/{variant}"
+    if method == "faid":
+        inputs["weights"] = [f"{R}/models/faid/{v}" for v in faid_weight_variants(variant)]
     if method in ("daid", "faid") and variant == "selected":
         inputs["selection"] = f"{R}/selection/{method}.json"
     if method == "racm3":
         inputs["weights"] = f"{R}/models/racm3"
         inputs["clip_index"] = f"{R}/racm3/clip_index"
     return inputs
+
+
+def method_arguments(wildcards, input):
+    """`arrag generate` arguments for a method's inputs (a list; lists of files follow their option)."""
+    arguments = []
+    for key in method_inputs(wildcards):
+        files = input[key]
+        arguments += [f"--{key.replace('_', '-')}", *([files] if isinstance(files, str) else files)]
+    if wildcards.method == "faid" and config["faid"]["blend_unconditional"]:
+        arguments.append("--blend-unconditional")
+    return arguments
 
 
 def generated(wildcards):

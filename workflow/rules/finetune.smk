@@ -12,6 +12,8 @@ rule precompute_retrievals:
     params:
         k=config["faid"]["k"],
         shards=config["index"]["shards"],
+        device=config["device"],
+        revision=config["backbone"]["revision"] or "",
     resources:
         gpu=0 if SHAPES else 1,
     conda:
@@ -19,8 +21,9 @@ rule precompute_retrievals:
     log:
         f"{LOGS}/precompute_retrievals/{{shard}}.log",
     shell:
-        "OMP_NUM_THREADS={threads} python -m arrag.cli precompute-retrievals --index {input.index:q} --backbone {input.backbone:q} --images {input.images:q}"
-        " --k {params.k} --shard {wildcards.shard} --shards {params.shards} --out {output:q} > {log:q} 2>&1"
+        "OMP_NUM_THREADS={threads} python -m arrag.cli precompute-retrievals --index {input.index:q} --backbone {input.backbone:q}"
+        " --revision={params.revision:q} --images {input.images:q} --k {params.k} --shard {wildcards.shard} --shards {params.shards}"
+        " --device {params.device} --out {output:q} > {log:q} 2>&1"
 
 
 rule finetune_faid:
@@ -34,6 +37,16 @@ rule finetune_faid:
     wildcard_constraints:
         hops=r"[1-9]+",
         m=r"\d+",
+    params:
+        checkpoint=lambda wc: f"{R}/checkpoints/faid/hops{wc.hops}_m{wc.m}",
+        device=config["device"],
+        revision=config["backbone"]["revision"] or "",
+        k=config["faid"]["k"],
+        dropout=config["faid"]["caption_dropout"],
+        init=config["faid"]["init"],
+        tuning=finetune_arguments(config["faid"]["finetune"]),
+        seed=config["seed"],
+    threads: 2
     resources:
         gpu=0 if SHAPES else 1,
     conda:
@@ -41,8 +54,11 @@ rule finetune_faid:
     log:
         f"{LOGS}/finetune_faid/hops{{hops}}_m{{m}}.log",
     shell:
-        "OMP_NUM_THREADS={threads} python -m arrag.cli finetune-faid --backbone {input.backbone:q} --images {input.images:q} --hops {wildcards.hops}"
-        " --m {wildcards.m} --out {output:q} {input.retrievals:q} > {log:q} 2>&1"
+        "OMP_NUM_THREADS={threads} python -m arrag.cli finetune-faid --backbone {input.backbone:q} --revision={params.revision:q}"
+        " --images {input.images:q} --hops {wildcards.hops} --num-blenders {wildcards.m} --k {params.k} --out {output:q}"
+        " --checkpoint {params.checkpoint:q} --device {params.device} --caption-dropout {params.dropout} --init {params.init}"
+        " {params.tuning:q}"
+        " --seed {params.seed} {input.retrievals:q} > {log:q} 2>&1"
 
 
 rule build_clip_index:
@@ -81,7 +97,7 @@ rule finetune_racm3:
         revision=config["backbone"]["revision"] or "",
         top_n=config["racm3"]["top_n"],
         dropout=config["racm3"]["caption_dropout"],
-        tuning=" ".join(f"--{key.replace('_', '-')} {value}" for key, value in config["racm3"]["finetune"].items()),
+        tuning=finetune_arguments(config["racm3"]["finetune"]),
         seed=config["seed"],
     threads: 2
     resources:
@@ -93,5 +109,5 @@ rule finetune_racm3:
     shell:
         "OMP_NUM_THREADS={threads} python -m arrag.cli finetune-racm3 --backbone {input.backbone:q} --images {input.images:q}"
         " --clip-index {input.clip_index:q} --out {output:q} --checkpoint {params.checkpoint:q} --device {params.device}"
-        " --revision={params.revision:q} --top-n {params.top_n} --caption-dropout {params.dropout} {params.tuning}"
+        " --revision={params.revision:q} --top-n {params.top_n} --caption-dropout {params.dropout} {params.tuning:q}"
         " --seed {params.seed} > {log:q} 2>&1"

@@ -23,7 +23,7 @@ rule generate:
         revision=config["backbone"]["revision"] or "",
         samples=config["benchmarks"]["geneval"]["samples_per_prompt"],
         subset=config["benchmarks"]["mjhq"]["ablation_subset"],
-        method=lambda wc, input: [a for key in method_inputs(wc) for a in (f"--{key.replace('_', '-')}", input[key])],
+        method=lambda wc, input: method_arguments(wc, input),
         daid_k=config["daid"]["k"],
     resources:
         gpu=0 if SHAPES else 1,

@@ -1,0 +1,233 @@
+"""One FAiD blender (paper §3.3, Eq. 5-7, Appendix A): multi-scale smoothing of retrieved patches in their
+generation context, compatibility scores, and the residual added to the predicting position.
+
+For a target cell i of the g x g token grid and each of the k retrieved patches e_ik (already embedded and
+normalised, [D]): the layer's input-normalised hidden states of the cells generated before i are laid on the
+grid (cells not yet generated are zero), e_ik is placed at cell i, and at each *hop level* h the (2h+1)^2
+window around i is reduced to one vector by two convolutions of kernel h+1 (hop 1: 3x3 window, two kernel-2
+convs; hop 2: 5x5, two kernel-3 convs; the official `SmoothPatchBlender`). Every first-stage output of such a
+window covers the target cell, which is the paper's "only where the kernel covers position i". Levels are
+mixed with softmax weights (a single level has weight 1):
+
+    r_ik = sum_h softmax(w)_h * conv2_h(conv1_h(window_h(i, e_ik)))                       (Eq. 6)
+    s_ik = sigmoid(W_b relu(W_a r_ik + b_a) + b_b)                                          (compatibility)
+    residual_i = mean_k s_ik * r_ik,     carry_ik = s_ik * r_ik (input of the next blender)  (Eq. 7)
+
+Fast path. The two convolutions have no nonlinearity between them, so r_ik is affine in the window:
+
+    r_ik = A_i + M e_ik,   A_i = sum_{causal offsets d} K[d] x_{i+d} + c,   M = K[centre]
+
+with K the composed kernel [D, D, 2H+1, 2H+1] of all levels (H the largest level; conv2 (x) conv1 is one
+convolution whose kernel is W1 convolved with W2, computed by `conv2d`), "causal" the window cells before the
+centre in raster order (the official code zeroes the others), and c the biases pushed through. The context
+term A_i is computed once per target and shared by the k patches: under teacher forcing it is one masked
+convolution over the whole grid; at a decode step a single [B, T*D] x [T*D, D] product. `direct_*` keep the
+official per-patch convolutions for tests and reference; the fast path equals them to float tolerance.
+
+After training, `freeze()` caches K (and, for the first blender, `token_table` caches M e and W_a M e for
+every codebook token), so inference pays only the context product and the k-row score MLP.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INITIALISATIONS = ("zero", "official")
+
+
+def hop_levels(hops: str) -> tuple[int, ...]:
+    """'12' -> (1, 2): the blender hop levels, sorted and unique."""
+    if not hops or not hops.isdigit() or "0" in hops:
+        raise ValueError(f"FAiD hops {hops!r}: give levels as digits 1-9, e.g. '1', '2' or '12'")
+    return tuple(sorted({int(c) for c in hops}))
+
+
+def causal_offsets(reach: int) -> list[tuple[int, int]]:
+    """Window offsets (dr, dc), |dr|, |dc| <= reach, that precede the centre in raster order."""
+    return [(dr, dc) for dr in range(-reach, 1) for dc in range(-reach, reach + 1) if dr < 0 or dc < 0]
+
+
+class Blender(nn.Module):
+    """A blender for hidden size D on a g x g grid. Parameter names follow the roles: `first[j]` / `second[j]`
+    are the two convolutions of level `levels[j]` (official conv1/conv12, conv2/conv22), `hop_logits` the
+    level weights (official conv_weights), `compatibility` the score MLP, `norm` the RMSNorm applied to the
+    blender's input patches (official retrieval_layernorm)."""
+
+    def __init__(self, hidden_size: int, grid: int, hops: str, eps: float = 1e-6, init: str = "zero"):
+        super().__init__()
+        self.levels = hop_levels(hops)
+        self.grid, self.reach = grid, max(self.levels)
+        d = hidden_size
+        self.first = nn.ModuleList(nn.Conv2d(d, d, h + 1) for h in self.levels)
+        self.second = nn.ModuleList(nn.Conv2d(d, d, h + 1) for h in self.levels)
+        self.hop_logits = nn.Parameter(torch.ones(len(self.levels))) if len(self.levels) > 1 else None
+        self.compatibility = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, 1), nn.Sigmoid())
+        self.norm = nn.RMSNorm(d, eps=eps)
+        self.offsets = causal_offsets(self.reach)
+        self._frozen: dict | None = None
+        self.reset_parameters(init)
+
+    def reset_parameters(self, init: str = "zero") -> None:
+        """``official``: Kaiming-normal (ReLU gain) weights and zero biases everywhere (`train_FAiD.py`).
+        ``zero`` (default): the same, then the second convolution of every level zeroed, so the blender adds
+        nothing until training gives it a reason to: FAiD starts as the vanilla backbone, as LoRA starts at zero.
+        On the Shapes world the official initialisation adds residuals of a third of the hidden-state norm at
+        step 0, and training answers by driving every compatibility score to ~0 (the blenders end unused);
+        see the FAiD closing note for the measurements."""
+        if init not in INITIALISATIONS:
+            raise ValueError(f"blender init {init!r}: choose one of {INITIALISATIONS}")
+        for module in [*self.first, *self.second, *self.compatibility]:
+            if isinstance(module, nn.Conv2d | nn.Linear):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                nn.init.zeros_(module.bias)
+        if init == "zero":
+            for module in self.second:
+                nn.init.zeros_(module.weight)
+
+    def level_weights(self) -> torch.Tensor:
+        if self.hop_logits is None:
+            return self.first[0].weight.new_ones(1)
+        return torch.softmax(self.hop_logits, dim=0)
+
+    # ------------------------------------------------------------------------------------------ composition
+    def composed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K [D, D, 2H+1, 2H+1], c [D]): the level-weighted kernel and bias of conv2 (x) conv1."""
+        if self._frozen is not None and not self.training:
+            return self._frozen["kernel"], self._frozen["bias"]
+        size = 2 * self.reach + 1
+        weights = self.level_weights()
+        kernel, bias = 0.0, 0.0
+        for j, h in enumerate(self.levels):
+            w1, b1 = self.first[j].weight, self.first[j].bias  # [D, D, h+1, h+1]
+            w2, b2 = self.second[j].weight, self.second[j].bias
+            # K[o, i, u, v] = sum_{j, p, q} W2[o, j, p, q] W1[j, i, u - p, v - q]: W1 (channels j) convolved with W2
+            level = F.conv2d(w1.transpose(0, 1), w2.flip(2, 3), padding=h).transpose(0, 1)  # [D, D, 2h+1, 2h+1]
+            pad = self.reach - h
+            kernel = kernel + weights[j] * F.pad(level, (pad, pad, pad, pad))
+            bias = bias + weights[j] * (w2.sum((2, 3)) @ b1 + b2)
+        assert kernel.shape[-1] == size
+        return kernel, bias
+
+    def causal_kernel(self, kernel: torch.Tensor) -> torch.Tensor:
+        """K with the centre and the cells after it (raster order) zeroed: the context part."""
+        size = kernel.shape[-1]
+        mask = torch.zeros(size, size, dtype=kernel.dtype, device=kernel.device)
+        for dr, dc in self.offsets:
+            mask[self.reach + dr, self.reach + dc] = 1.0
+        return kernel * mask
+
+    def context_matrix(self, kernel: torch.Tensor) -> torch.Tensor:
+        """The causal taps of K stacked as [T * D, D] (row block t: K[offsets[t]] transposed)."""
+        taps = [kernel[:, :, self.reach + dr, self.reach + dc].T for dr, dc in self.offsets]
+        return torch.cat(taps, dim=0)
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Cache the composed kernel for inference (call after loading weights; `train()` drops the cache)."""
+        was_training = self.training
+        self.train(False)
+        self._frozen = None
+        kernel, bias = self.composed()
+        self._frozen = {"kernel": kernel, "bias": bias, "centre": kernel[:, :, self.reach, self.reach].clone(),
+                        "context": self.context_matrix(kernel)}
+        self.train(was_training)
+
+    def train(self, mode: bool = True):
+        if mode:
+            self._frozen = None
+        return super().train(mode)
+
+    # ------------------------------------------------------------------------------------------ fast path
+    def forward(self, states: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher forcing. states [B, N, D] (row j: state of the position whose input is token j), patches
+        [B, N, K, D] (raw: embedded retrievals or the previous blender's carry) -> (residual [B, N, D] for the
+        positions predicting tokens 0..N-1, carry [B, N, K, D]). Row i depends on states j < i only."""
+        batch, n, dim = states.shape
+        kernel, bias = self.composed()
+        grid = states.transpose(1, 2).reshape(batch, dim, self.grid, self.grid)
+        context = F.conv2d(grid, self.causal_kernel(kernel), padding=self.reach)  # [B, D, g, g]
+        context = context.flatten(2).transpose(1, 2) + bias  # [B, N, D]
+        centre = kernel[:, :, self.reach, self.reach]  # [D, D]
+        refined = context.unsqueeze(2) + self.norm(patches) @ centre.T  # [B, N, K, D]
+        return self._blend(refined)
+
+    def _blend(self, refined: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        carry = self.compatibility(refined) * refined
+        return carry.mean(dim=-2), carry
+
+    def step_context(self, states: torch.Tensor, step: int) -> torch.Tensor:
+        """Decode step: the context term A [B, D] of target cell `step` from states [B, t >= step, D]."""
+        row, col = divmod(step, self.grid)
+        batch, _, dim = states.shape
+        if self._frozen is not None and not self.training:
+            matrix, bias = self._frozen["context"], self._frozen["bias"]
+        else:
+            kernel, bias = self.composed()
+            matrix = self.context_matrix(kernel)
+        gathered = states.new_zeros(batch, len(self.offsets), dim)
+        for t, (dr, dc) in enumerate(self.offsets):
+            r, c = row + dr, col + dc
+            if 0 <= r < self.grid and 0 <= c < self.grid:
+                gathered[:, t] = states[:, r * self.grid + c]
+        return gathered.flatten(1) @ matrix + bias
+
+    def step(self, states: torch.Tensor, patches: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode step for target cell `step`: states [B, t, D], patches [B, K, D] -> (residual [B, D],
+        carry [B, K, D])."""
+        centre = self._frozen["centre"] if self._frozen is not None and not self.training else \
+            self.composed()[0][:, :, self.reach, self.reach]
+        refined = self.step_context(states, step).unsqueeze(1) + self.norm(patches) @ centre.T
+        return self._blend(refined)
+
+    @torch.no_grad()
+    def token_table(self, embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
+        """For a first blender: embeddings [V, D] of every codebook token (before `norm`) -> {"centre": M e
+        [V, D], "score": W_a M e [V, D]}, so that a step needs no per-patch matrix product."""
+        if self._frozen is None:
+            self.freeze()
+        centre = self.norm(embeddings) @ self._frozen["centre"].T
+        return {"centre": centre, "score": centre @ self.compatibility[0].weight.T}
+
+    def step_from_table(self, states: torch.Tensor, tokens: torch.Tensor, table: dict[str, torch.Tensor],
+                        step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`step` for a first blender whose patches are the retrieved `tokens` [B, K] (-1: a zero patch, as the
+        official code embeds an invalid retrieval), with `token_table`'s rows for those tokens."""
+        context = self.step_context(states, step)  # [B, D]
+        valid = (tokens >= 0).unsqueeze(-1)
+        rows = tokens.clamp(min=0)
+        refined = context.unsqueeze(1) + table["centre"][rows] * valid  # [B, K, D]
+        hidden_in = context @ self.compatibility[0].weight.T + self.compatibility[0].bias
+        hidden = torch.relu(hidden_in.unsqueeze(1) + table["score"][rows] * valid)
+        scores = torch.sigmoid(self.compatibility[2](hidden))  # [B, K, 1]
+        carry = scores * refined
+        return carry.mean(dim=-2), carry
+
+    # ------------------------------------------------------------------------------------------ direct path
+    def direct_step(self, states: torch.Tensor, patches: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The official computation of a decode step (windows per patch, two convolutions per level):
+        states [B, t >= step, D], patches [B, K, D] -> (residual [B, D], carry [B, K, D])."""
+        batch, _, dim = states.shape
+        k = patches.shape[1]
+        grid = states.new_zeros(batch, self.grid * self.grid, dim)
+        grid[:, :step] = states[:, :step]
+        grid = grid.transpose(1, 2).reshape(batch, dim, self.grid, self.grid)
+        padded = F.pad(grid, [self.reach] * 4)
+        row, col = divmod(step, self.grid)
+        normed = self.norm(patches)  # [B, K, D]
+        weights = self.level_weights()
+        refined = 0.0
+        for j, h in enumerate(self.levels):
+            top, left = row + self.reach - h, col + self.reach - h
+            window = padded[:, :, top:top + 2 * h + 1, left:left + 2 * h + 1]  # [B, D, 2h+1, 2h+1]
+            window = window.unsqueeze(1).repeat(1, k, 1, 1, 1)  # [B, K, D, w, w]
+            window[:, :, :, h, h] = normed
+            out = self.second[j](self.first[j](window.flatten(0, 1)))  # [B*K, D, 1, 1]
+            refined = refined + weights[j] * out.reshape(batch, k, dim)
+        return self._blend(refined)
+
+    def direct(self, states: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher forcing through `direct_step` position by position (slow; for tests)."""
+        outputs = [self.direct_step(states, patches[:, i], i) for i in range(states.shape[1])]
+        return torch.stack([o[0] for o in outputs], 1), torch.stack([o[1] for o in outputs], 1)
