@@ -16,6 +16,7 @@ DEFAULT = REPO / "profiles" / "default" / "config.yaml"
 # Rules that run on a GPU at paper scale; every other rule must not request one.
 GPU_RULES = {"encode_patches", "retrieval_analysis", "precompute_retrievals", "finetune_faid", "build_clip_index",
              "finetune_racm3", "generate", "image_metric", "geneval_score", "dpg_score"}
+FINETUNE_RULES = {"finetune_faid", "finetune_racm3"}
 # conda is not installable on these machines; the SLURM profile deploys software with conda, which Snakemake
 # checks even in a dry run. This stand-in answers the three questions it asks (version, info, channel priority).
 FAKE_CONDA = """#!/bin/sh
@@ -83,7 +84,8 @@ def test_slurm_profile_settings():
     assert "slurm_extra" not in SLURM.read_text()  # GPUs through the plugin's gpu resource, not raw sbatch flags
     assert "generate" in profile["slurm-array-jobs"].split(",")
     assert profile["set-resource-scopes"] == {"gpu": "local"}
-    assert {rule for rule, res in profile["set-resources"].items() if res.get("gpu")} == GPU_RULES
+    # the fine-tuning rules take their GPU count from the config (finetune_gpus), so the profile leaves it to them
+    assert {rule for rule, res in profile["set-resources"].items() if res.get("gpu")} == GPU_RULES - FINETUNE_RULES
     for rule, res in {**profile["set-resources"], "default": profile["default-resources"]}.items():
         runtime = str(res["runtime"])
         assert eval(runtime, {"attempt": 2}) > eval(runtime, {"attempt": 1}), rule  # noqa: S307 (our profile)
@@ -107,3 +109,13 @@ def test_one_machine_gpu_limit_and_gpu_requests_only_on_gpu_rules():
     assert requesting and requesting <= GPU_RULES
     shapes, _ = dry_run("--configfile", "config/ci.yaml")
     assert all(res.get("gpu", "0") == "0" for _, res in job_resources(shapes))  # the Shapes world runs on CPUs
+
+
+def test_several_finetuning_gpus_request_them_and_launch_torchrun():
+    output, _ = dry_run("-p", "--configfile", "config/config.yaml", "--config", "finetune_gpus=4",
+                        "--resources", "gpu=8")
+    jobs = dict(job_resources(output))
+    assert jobs["finetune_faid"]["gpu"] == "4" and jobs["finetune_racm3"]["gpu"] == "4"
+    assert jobs["generate"]["gpu"] == "1"
+    assert "torchrun --standalone --nproc_per_node 4 -m arrag.cli finetune-faid" in output
+    assert "torchrun --standalone --nproc_per_node 4 -m arrag.cli finetune-racm3" in output

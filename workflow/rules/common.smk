@@ -28,6 +28,10 @@ SHAPES = config["scale"] == "shapes"
 CONFIG_HASH = config_hash(config)
 BENCHMARKS = ["geneval", "dpg", "mjhq"]
 INDEX_SHARDS = list(range(config["index"]["shards"]))
+FINETUNE_GPUS = 0 if SHAPES else config["finetune_gpus"]
+# The fine-tuning CLI, under torchrun (one process per GPU, gradients summed) when a job has several GPUs.
+FINETUNE_LAUNCH = (["python", "-m", "arrag.cli"] if FINETUNE_GPUS <= 1
+                   else ["torchrun", "--standalone", "--nproc_per_node", str(FINETUNE_GPUS), "-m", "arrag.cli"])
 
 
 wildcard_constraints:

@@ -38,6 +38,7 @@ rule finetune_faid:
         hops=r"[1-9]+",
         m=r"\d+",
     params:
+        launch=FINETUNE_LAUNCH,
         checkpoint=lambda wc: f"{R}/checkpoints/faid/hops{wc.hops}_m{wc.m}",
         device=config["device"],
         revision=config["backbone"]["revision"] or "",
@@ -48,13 +49,13 @@ rule finetune_faid:
         seed=config["seed"],
     threads: 2
     resources:
-        gpu=0 if SHAPES else 1,
+        gpu=FINETUNE_GPUS,
     conda:
         MAIN_ENV
     log:
         f"{LOGS}/finetune_faid/hops{{hops}}_m{{m}}.log",
     shell:
-        "OMP_NUM_THREADS={threads} python -m arrag.cli finetune-faid --backbone {input.backbone:q} --revision={params.revision:q}"
+        "OMP_NUM_THREADS={threads} {params.launch:q} finetune-faid --backbone {input.backbone:q} --revision={params.revision:q}"
         " --images {input.images:q} --hops {wildcards.hops} --num-blenders {wildcards.m} --k {params.k} --out {output:q}"
         " --checkpoint {params.checkpoint:q} --device {params.device} --caption-dropout {params.dropout} --init {params.init}"
         " {params.tuning:q}"
@@ -92,6 +93,7 @@ rule finetune_racm3:
     output:
         directory(f"{R}/models/racm3"),
     params:
+        launch=FINETUNE_LAUNCH,
         checkpoint=f"{R}/checkpoints/racm3",
         device=config["device"],
         revision=config["backbone"]["revision"] or "",
@@ -101,13 +103,13 @@ rule finetune_racm3:
         seed=config["seed"],
     threads: 2
     resources:
-        gpu=0 if SHAPES else 1,
+        gpu=FINETUNE_GPUS,
     conda:
         MAIN_ENV
     log:
         f"{LOGS}/finetune_racm3.log",
     shell:
-        "OMP_NUM_THREADS={threads} python -m arrag.cli finetune-racm3 --backbone {input.backbone:q} --images {input.images:q}"
+        "OMP_NUM_THREADS={threads} {params.launch:q} finetune-racm3 --backbone {input.backbone:q} --images {input.images:q}"
         " --clip-index {input.clip_index:q} --out {output:q} --checkpoint {params.checkpoint:q} --device {params.device}"
         " --revision={params.revision:q} --top-n {params.top_n} --caption-dropout {params.dropout} {params.tuning:q}"
         " --seed {params.seed} > {log:q} 2>&1"
