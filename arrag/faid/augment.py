@@ -127,8 +127,7 @@ class FAiD(nn.Module):
         def module(index: int, states: torch.Tensor, tokens: torch.Tensor, step: int) -> torch.Tensor | None:
             if not self.enabled:
                 return None
-            blender = self.blenders[index]
-            states = states.float()
+            blender = self.blenders[index]  # states stay in the model's dtype: only the taps are cast
             if index == 0:
                 started = time.perf_counter()
                 retrieved = retrieve(tokens, step).to(states.device)

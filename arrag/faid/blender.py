@@ -67,7 +67,7 @@ class Blender(nn.Module):
         self.norm = nn.RMSNorm(d, eps=eps)
         self.offsets = causal_offsets(self.reach)
         self._frozen: dict | None = None
-        self._tap_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tap_cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self.reset_parameters(init)
 
     def reset_parameters(self, init: str = "zero") -> None:
@@ -168,13 +168,14 @@ class Blender(nn.Module):
         if states.shape[1] == 0:  # step 0: no cell generated yet
             return bias.expand(states.shape[0], -1)
         cells, inside = self._taps(step, states.device)
-        gathered = states[:, cells] * inside.to(states.dtype)  # [B, T, D], zero where a tap is outside the grid
+        gathered = states[:, cells].to(matrix.dtype) * inside  # [B, T, D], zero where a tap is outside the grid
         return gathered.flatten(1) @ matrix + bias
 
     def _taps(self, step: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Raster indices [T] of the causal taps of target cell `step` (0 where outside the grid) and their
-        inside-the-grid mask [T, 1]; cached per step."""
-        if step not in self._tap_cache:
+        inside-the-grid mask [T, 1]; cached per (step, device), so a decode step copies nothing to the device."""
+        key = (step, str(device))
+        if key not in self._tap_cache:
             row, col = divmod(step, self.grid)
             cells, inside = [], []
             for dr, dc in self.offsets:
@@ -182,9 +183,8 @@ class Blender(nn.Module):
                 ok = 0 <= r < self.grid and 0 <= c < self.grid
                 cells.append(r * self.grid + c if ok else 0)
                 inside.append(float(ok))
-            self._tap_cache[step] = (torch.tensor(cells), torch.tensor(inside).unsqueeze(-1))
-        cells, inside = self._tap_cache[step]
-        return cells.to(device), inside.to(device)
+            self._tap_cache[key] = (torch.tensor(cells, device=device), torch.tensor(inside, device=device)[:, None])
+        return self._tap_cache[key]
 
     def step(self, states: torch.Tensor, patches: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode step for target cell `step`: states [B, t, D], patches [B, K, D] -> (residual [B, D],
