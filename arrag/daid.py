@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,15 +61,33 @@ class DAiDHook:
     batch with the queries built from the tokens generated so far, then `merge_distributions`. Both CFG
     halves share the query (it depends only on generated tokens), so retrieval runs once per image.
     Positions the index's edge policy leaves without a usable neighbourhood keep the model's distribution.
-    `seconds` accumulates the time spent retrieving, for the generation record."""
 
-    def __init__(self, index: PatchIndex, settings: DAiDSettings):
+    With `overlap` the search of step t starts in a worker thread when the loop announces the step
+    (`prefetch`), so it runs while the model computes step t's forward (FAISS, numpy and torch release the
+    GIL); the result is the same either way. `seconds` accumulates the time spent retrieving (in whichever
+    thread), for the generation record."""
+
+    def __init__(self, index: PatchIndex, settings: DAiDSettings, overlap: bool = True):
         self.index, self.settings, self.seconds = index, settings, 0.0
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="daid") if overlap else None
+        self._pending: tuple[int, Future] | None = None
+
+    def _retrieve(self, tokens: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        started = time.perf_counter()
+        found = self.index.retrieve(tokens, step, self.settings.k, self.settings.unique)
+        self.seconds += time.perf_counter() - started
+        return found
+
+    def prefetch(self, tokens: torch.Tensor, step: int) -> None:
+        if self._worker is not None:
+            self._pending = (step, self._worker.submit(self._retrieve, tokens, step))
 
     def __call__(self, probs: torch.Tensor, tokens: torch.Tensor, step: int) -> torch.Tensor:
-        started = time.perf_counter()
-        retrieved, distances = self.index.retrieve(tokens, step, self.settings.k, self.settings.unique)
-        self.seconds += time.perf_counter() - started
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] == step:
+            retrieved, distances = pending[1].result()
+        else:
+            retrieved, distances = self._retrieve(tokens, step)
         return merge_distributions(probs, retrieved.to(probs.device), distances.to(probs.device),
                                    self.settings.tau, self.settings.lam)
 

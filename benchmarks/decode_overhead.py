@@ -18,7 +18,8 @@ them alike; the figure of merit is the ratio of median seconds per image to vani
   4 layers, 8 x 8 tokens, 512 codes) with an index over random grids.
 
 DAiD: k = 2048 distinct tokens at Janus scale (the official value) and codebook / 8 at Shapes scale, lambda
-0.3, tau 1. FAiD: hops 12, m 2, k 10 (official), random blender weights unless --faid is given (the cost does
+0.3, tau 1; ``daid`` overlaps each step's search with that step's forward (the default), ``daid_serial`` does
+not. FAiD: hops 12, m 2, k 10 (official), random blender weights unless --faid is given (the cost does
 not depend on trained values); the fast path with the composed kernels and the token table. The time FAiD
 spends preparing those caches (once per loaded model) is reported apart. Parameter counts: the base model,
 and what FAiD fine-tunes with the paper's settings (blenders, LoRA r = 128 on q/v, generation head).
@@ -108,7 +109,8 @@ def main() -> None:
     index_seconds = time.perf_counter() - started
 
     codebook_size = len(index.codebook)
-    daid = DAiDHook(index, DAiDSettings(k=2048 if janus_scale else codebook_size // 8, tau=1.0, lam=0.3))
+    daid_settings = DAiDSettings(k=2048 if janus_scale else codebook_size // 8, tau=1.0, lam=0.3)
+    daid, daid_serial = DAiDHook(index, daid_settings), DAiDHook(index, daid_settings, overlap=False)
     started = time.perf_counter()
     if args.faid:
         from arrag.faid.train import load_faid
@@ -127,12 +129,13 @@ def main() -> None:
     cases = {
         "vanilla": lambda: janus.generate_tokens(backbone, prompts, seeds, sampling),
         "daid": lambda: janus.generate_tokens(backbone, prompts, seeds, sampling, prob_hook=daid),
+        "daid_serial": lambda: janus.generate_tokens(backbone, prompts, seeds, sampling, prob_hook=daid_serial),
         "faid": lambda: janus.generate_tokens(faid_backbone, prompts, seeds, sampling, layer_modules=faid_modules),
     }
     for function in cases.values():
         function()  # warm-up
     times = {name: [] for name in cases}
-    daid.seconds, faid.retrieval_seconds = 0.0, 0.0
+    daid.seconds, daid_serial.seconds, faid.retrieval_seconds = 0.0, 0.0, 0.0
     for _ in range(args.reps):
         for name, function in cases.items():
             begin = time.perf_counter()
@@ -146,8 +149,10 @@ def main() -> None:
         "decode_steps": backbone.num_image_tokens, "batch": 1, "reps": args.reps,
         "parameters": trainable_parameters(backbone, faid, FinetuneConfig()), "faid_layers": faid.layers,
         "seconds_per_image": {name: round(value, 4) for name, value in median.items()},
-        "overhead_over_vanilla": {name: round(median[name] / median["vanilla"] - 1, 4) for name in ("daid", "faid")},
+        "overhead_over_vanilla": {name: round(median[name] / median["vanilla"] - 1, 4)
+                                  for name in ("daid", "daid_serial", "faid")},
         "retrieval_share_of_time": {"daid": round(daid.seconds / total["daid"], 4),
+                                    "daid_serial": round(daid_serial.seconds / total["daid_serial"], 4),
                                     "faid": round(faid.retrieval_seconds / total["faid"], 4)},
         "setup_seconds": {"backbone": round(build_seconds, 1), "index": round(index_seconds, 1),
                           "faid_caches": round(faid_prepare_seconds, 1)},

@@ -102,6 +102,18 @@ def test_lambda_zero_gives_the_vanilla_tokens(setup):
     assert hook.seconds > 0
 
 
+def test_overlapped_retrieval_gives_the_same_tokens(setup):
+    from arrag.daid import DAiDHook, DAiDSettings, load_index_for
+
+    backbone, indexes = setup
+    index = load_index_for(backbone.vq, indexes["zero"])
+    settings = DAiDSettings(k=8, tau=1.0, lam=0.7)
+    overlapped, serial = DAiDHook(index, settings), DAiDHook(index, settings, overlap=False)
+    tokens = generate(backbone, overlapped)
+    assert torch.equal(tokens, generate(backbone, serial)) and not torch.equal(tokens, generate(backbone))
+    assert overlapped._pending is None  # every prefetched search was consumed by its step
+
+
 def test_lambda_one_samples_only_retrieved_tokens(setup):
     from arrag.daid import DAiDHook, DAiDSettings, load_index_for
 

@@ -239,3 +239,26 @@ def test_fingerprint_mismatch_raises(tmp_path):
     from arrag.patchdb.fingerprint import read_metadata
 
     assert read_metadata(tmp_path / "index.json")[0] == stored
+
+
+def test_distinct_token_search_scans_exactly_the_probed_lists():
+    torch.manual_seed(2)
+    codebook = F.normalize(torch.randn(24, 8), dim=-1)
+    spec = KeySpec("L", "1")
+    store, *_ = store_for(torch.randint(24, (80, 6, 6)), codebook, spec, nlist=8)
+    queries, usable = grid_queries(torch.randint(24, (6, 6, 6)), codebook, spec)
+    queries = queries[:, usable].flatten(0, 1)
+    found = {}
+    for nprobe in (3, 8):
+        store.set_nprobe(nprobe)
+        tokens, distances, ids = store.search(queries, 10, unique=True)
+        ranked_tokens, ranked_distances, _ = store.search(queries, store.size)  # FAISS's scan of the same lists
+        ref_tokens, ref_distances = nearest_distinct(ranked_tokens, ranked_distances, 10, len(codebook))
+        np.testing.assert_allclose(distances.numpy(), ref_distances.numpy(), atol=1e-5)
+        exact = ref_distances.isfinite()
+        assert torch.equal(tokens >= 0, exact) and (ids == -1).all()
+        gaps = torch.nn.functional.pad(ref_distances.diff(dim=1).nan_to_num(1.0), (1, 1), value=1.0) > 1e-5
+        untied = gaps[:, :-1] & gaps[:, 1:] & exact  # a token is determined where its distance is not tied
+        assert untied.float().mean() > 0.3 and torch.equal(tokens[untied], ref_tokens[untied])
+        found[nprobe] = distances
+    assert not torch.allclose(found[3], found[8])  # fewer lists: a different (farther) answer somewhere

@@ -26,7 +26,10 @@ Extension points (each costs nothing when absent):
   generated so far (raster order, read-only). The official DAiD code mixes its retrieval distribution at the
   same place (after CFG and temperature; it has no top-k/top-p). Filtering first lets a retrieval distribution
   propose tokens that the model's filter removed. The returned rows need not be normalised for sampling (the
-  sampler divides by their sum) but must be non-negative with a positive sum.
+  sampler divides by their sum) but must be non-negative with a positive sum. A hook may also have a method
+  ``prefetch(tokens [B, t], step)``: the loop calls it at the start of step t, as soon as the tokens the step
+  can depend on are known and before the forward, so that the hook can work in the background meanwhile
+  (DAiD's retrieval); ``tokens`` is a copy the hook may keep.
 
 * ``layer_modules: {layer index: nn.Module}`` (FAiD): for each chosen decoder layer the module is called
   after that layer's self-attention and its output is added to the hidden state (after the attention
@@ -486,7 +489,10 @@ def generate_tokens(
         return h
 
     after_attention = {i: partial(blend, i) for i in layer_modules}
+    prefetch = getattr(prob_hook, "prefetch", None)
     for step in range(num_tokens):
+        if prefetch is not None:
+            prefetch(tokens[:, :step].clone(), step)
         hidden = _run_decoder(lm, embeds, attention_mask, position_ids, cache, after_attention)
         logits = model.model.generation_head(hidden[:, -1]).float()  # [2B, V]
         cond, uncond = logits[:batch], logits[batch:]

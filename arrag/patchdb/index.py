@@ -155,6 +155,8 @@ class PatchIndex:
         distances [B, k]) for raster position `step`, one search for all rows; rows the edge policy leaves
         without a usable key get -1 / inf throughout."""
         queries, usable = self.queries(tokens.cpu(), step)
+        if usable.all():
+            return self.search(queries, k, unique)
         retrieved = torch.full((len(tokens), k), -1, dtype=torch.long)
         distances = torch.full((len(tokens), k), float("inf"))
         if usable.any():

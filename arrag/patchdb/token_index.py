@@ -123,7 +123,14 @@ class TokenStore:
         self._key_start = torch.from_numpy(np.append(np.flatnonzero(first_run), len(self.run_tokens)))
         self._run_start = torch.from_numpy(np.concatenate([[0], np.cumsum(self.run_counts, dtype=np.int64)]))
         self._patch_ids = torch.from_numpy(self.patch_ids.astype(np.int64))
-        self._distinct_tokens = len(np.unique(self._run_token.numpy()))
+        # distinct-token search scans runs list by list: each run's key slots as entries of a flattened [S, V + 1]
+        # distance table (token + slot * (V + 1), V = missing), slot-major [S, R] int32
+        keys = unpack_codes(self.codes, code_bits(self.codebook.shape[0]), self.spec.slots)
+        key_of_run = np.repeat(np.arange(len(keys)), np.diff(self._key_start.numpy()))
+        slot_offsets = np.arange(self.spec.slots) * (self.codebook.shape[0] + 1)
+        self._run_entries = np.ascontiguousarray((keys[key_of_run] + slot_offsets).T.astype(np.int32))
+        self._list_run_start = self._key_start.numpy()[self.list_start.astype(np.int64)]
+        self._slot_vectors = torch.cat([self.codebook, torch.zeros(1, self.codebook.shape[1])])  # [V + 1, d]
         self._index = self._faiss_index()
 
     def _faiss_index(self):
@@ -233,20 +240,10 @@ class TokenStore:
         """Top-k: queries [B, S * d] -> (tokens [B, k] long, squared L2 distances [B, k] float32, patch ids
         [B, k] long); missing results are token -1, distance inf, id -1. With `unique`, the k nearest distinct
         tokens (each at its nearest patch; patch ids are then -1). Exact when nprobe equals the list count."""
-        queries = np.ascontiguousarray(torch.as_tensor(queries, dtype=torch.float32).cpu().numpy())
-        if not unique:  # each key holds at least one patch: the k nearest keys hold the k nearest patches
-            return self._expand(*self._keys(queries, k), k)
-        tokens = torch.full((len(queries), k), -1, dtype=torch.long)
-        distances = torch.full((len(queries), k), INF)
-        wanted = min(k, self._distinct_tokens)
-        rows, fetch = torch.arange(len(queries)), min(4 * k, len(self.codes))
-        while len(rows):  # more keys for the rows whose keys hold fewer than k distinct tokens
-            key_distances, keys = self._keys(queries[rows.numpy()], fetch)
-            found_tokens, found_distances = self._distinct(key_distances, keys, k)
-            tokens[rows], distances[rows] = found_tokens, found_distances
-            short = ((found_tokens >= 0).sum(1) < wanted) & (keys[:, -1] >= 0) & (fetch < len(self.codes))
-            rows, fetch = rows[short], min(4 * fetch, len(self.codes))
-        return tokens, distances, torch.full_like(tokens, -1)
+        queries = torch.as_tensor(queries, dtype=torch.float32).cpu()
+        if unique:
+            return (*self._nearest_distinct(queries, k), torch.full((len(queries), k), -1, dtype=torch.long))
+        return self._expand(*self._keys(np.ascontiguousarray(queries.numpy()), k), k)
 
     def _keys(self, queries: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The k nearest distinct keys: (squared L2 [B, k], key ids [B, k], -1 = none)."""
@@ -275,20 +272,34 @@ class TokenStore:
         distances = torch.where(found, key_distances.gather(1, owner), INF)
         return tokens, distances, torch.where(found, self._patch_ids[patch], -1)
 
-    def _distinct(self, key_distances: torch.Tensor, keys: torch.Tensor, k: int):
-        """The k nearest distinct tokens among the runs of the ranked keys: ([B, k] long, [B, k] float32)."""
-        side = self.codebook.shape[0]
-        rows, columns = (keys >= 0).nonzero(as_tuple=True)
-        key = keys[rows, columns]
-        first, sizes = self._key_start[key], self._key_start[key + 1] - self._key_start[key]
-        owner = torch.repeat_interleave(torch.arange(len(key)), sizes)
-        run = first[owner] + torch.arange(len(owner)) - (sizes.cumsum(0) - sizes)[owner]
-        best = torch.full((len(keys) * side,), INF)
-        best.scatter_reduce_(0, rows[owner] * side + self._run_token[run], key_distances[rows, columns][owner],
-                             "amin")
-        nearest, token = best.view(len(keys), side).topk(min(k, side), largest=False)
-        tokens = torch.full((len(keys), k), -1, dtype=torch.long)
-        distances = torch.full((len(keys), k), INF)
+    def _nearest_distinct(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k nearest distinct tokens among the patches of each query's `nprobe` nearest lists: queries
+        [B, S * d] -> (tokens [B, k] long, squared L2 [B, k] float32; -1 / inf past the tokens found).
+
+        Every run (key, token) of the probed lists is scored at once, without a ranked key list: a run's distance
+        is its key's, the sum of the key slots' entries in the query's table of distances to the codebook [S, V + 1]
+        (the same sum FAISS's PQ scan computes), each token keeps its nearest run."""
+        batch, slots, side = len(queries), self.spec.slots, self.codebook.shape[0]
+        tokens = torch.full((batch, k), -1, dtype=torch.long)
+        distances = torch.full((batch, k), INF)
+        if batch == 0 or len(self.codes) == 0:
+            return tokens, distances
+        probes = min(self.nprobe, len(self.centroids))
+        lists = self._quantizer.search(np.ascontiguousarray(queries.numpy()), probes)[1]  # [B, p], p <= nlist
+        run_lo = self._list_run_start[lists].ravel()
+        run_count = self._list_run_start[lists + 1].ravel() - run_lo
+        runs = np.repeat(run_lo - (np.cumsum(run_count) - run_count), run_count) + np.arange(run_count.sum())
+        row_of_run = np.repeat(np.arange(batch), run_count.reshape(batch, probes).sum(1))  # [N]
+        table = (queries.view(batch, slots, 1, -1) - self._slot_vectors).pow(2).sum(-1).numpy()  # [B, S, V + 1]
+        entries = np.take(self._run_entries, runs, axis=1)  # [S, N]
+        if batch > 1:
+            entries = entries + row_of_run * (slots * (side + 1))
+        run_distances = np.take(table.reshape(-1), entries).sum(0)  # [N] (slot-major: numpy sums short rows slowly)
+        best = torch.full((batch * side,), INF)
+        best.scatter_reduce_(0, torch.from_numpy(row_of_run * side + np.take(self._run_token.numpy(), runs)),
+                             torch.from_numpy(run_distances), "amin")
+        nearest, token = best.view(batch, side).topk(min(k, side), largest=False)
         tokens[:, :nearest.shape[1]] = torch.where(nearest.isfinite(), token, -1)
         distances[:, :nearest.shape[1]] = nearest
         return tokens, distances
+
