@@ -180,13 +180,13 @@ def test_cli_builds_the_index_and_the_figure_6_analysis(tmp_path, vq_dir, databa
         assert main(["encode-patches", "--images", str(database), "--vq", str(vq_dir), "--shard", str(i),
                      "--shards", "2", "--exclusions", str(out / "exclusions.json"), "--device", "cpu",
                      "--out", shard]) == 0
-    assert main(["train-index", "--type", "tokens", "--out", str(out / "trained.faiss"), *shards]) == 0
+    assert main(["train-index", "--type", "tokens", "--out", str(out / "trained.tokens"), *shards]) == 0
     added = [str(out / f"added/{i}.faiss") for i in range(2)]
     for shard, path in zip(shards, added, strict=True):
-        assert main(["add-shard", "--trained", str(out / "trained.faiss"), "--shard", shard, "--out", path]) == 0
-    assert main(["merge-index", "--added", *added, "--shards", *shards, "--out", str(out / "index.faiss")]) == 0
+        assert main(["add-shard", "--trained", str(out / "trained.tokens"), "--shard", shard, "--out", path]) == 0
+    assert main(["merge-index", "--added", *added, "--shards", *shards, "--out", str(out / "index.tokens")]) == 0
     csv_path, png_path = tmp_path / "fig6.csv", tmp_path / "fig6.png"
-    assert main(["retrieval-analysis", "--index", str(out / "index.faiss"), "--vq", str(vq_dir), "--images",
+    assert main(["retrieval-analysis", "--index", str(out / "index.tokens"), "--vq", str(vq_dir), "--images",
                  str(heldout), "--k", "5", "--csv", str(csv_path), "--png", str(png_path)]) == 0
     lines = csv_path.read_text().splitlines()
     assert lines[0] == "k,mean_distance,mean_random_distance,match_rate,positions" and len(lines) == 6

@@ -34,7 +34,7 @@ def job_counts(output: str) -> dict[str, int]:
 def test_dry_run_of_the_whole_pipeline(name):
     config = load(REPO / "config" / f"{name}.yaml")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    result = snakemake("everything", "-n", "--cores", "2", "--configfile", f"config/{name}.yaml")
+    result = snakemake("everything", "-n", "--forceall", "--cores", "2", "--configfile", f"config/{name}.yaml")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_seconds = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime  # robust to a busy machine
     counts = job_counts(result.stdout + result.stderr)
@@ -63,6 +63,15 @@ def test_dry_run_of_the_whole_pipeline(name):
 def test_lint_is_clean(name):
     result = snakemake("--lint", "--configfile", f"config/{name}.yaml")
     assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr
+
+
+def test_index_files_are_declared_by_type():
+    """The tokens index is not named like a FAISS file; an ivfpq index merged on disk declares its lists."""
+    paper = snakemake("results/paper/index/index.faiss.ivfdata", "-n", "--forceall",
+                      "--configfile", "config/config.yaml")
+    assert "merge_index" in paper.stdout
+    demo = snakemake("results/demo/index/index.tokens.json", "-n", "--forceall", "--configfile", "config/demo.yaml")
+    assert "merge_index" in demo.stdout and "index.faiss" not in demo.stdout
 
 
 def test_invalid_config_fails_naming_the_key(tmp_path):

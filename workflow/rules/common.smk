@@ -23,6 +23,13 @@ DPG_ENV = "../envs/dpg.yaml" if config["evaluation"]["dpg_backend"] == "mplug" e
 
 RUN = config["run_name"]
 R = f"results/{RUN}"
+# The patch index and its sidecars (fingerprint, values; the on-disk inverted lists of an ivfpq index merged
+# with `ondisk`): `tokens` indexes are numpy archives, the others FAISS files.
+INDEX_SUFFIX = "tokens" if config["index"]["type"] == "tokens" else "faiss"
+INDEX_FILE = f"{R}/index/index.{INDEX_SUFFIX}"
+INDEX_SIDECARS = [f"{INDEX_FILE}.json", f"{INDEX_FILE}.values.npz"] + (
+    [f"{INDEX_FILE}.ivfdata"] if config["index"]["ondisk"] and config["index"]["type"] == "ivfpq" else []
+)
 LOGS = f"logs/{RUN}"
 SHAPES = config["scale"] == "shapes"
 CONFIG_HASH = config_hash(config)
@@ -133,7 +140,8 @@ def method_inputs(wildcards):
     method, variant = wildcards.method, wildcards.variant
     inputs = {}
     if method in ("daid", "faid"):
-        inputs["index"] = f"{R}/index/index.faiss"
+        inputs["index"] = INDEX_FILE
+        inputs["index_sidecars"] = INDEX_SIDECARS
     if method == "faid":
         inputs["weights"] = [f"{R}/models/faid/{v}" for v in faid_weight_variants(variant)]
     if method in ("daid", "faid") and variant == "selected":
@@ -257,7 +265,7 @@ def stage_targets():
     else:
         stages.append(("data acquisition", DATA_COMMANDS, list(benchmark_files().values())))
     stages.append(("backbone", BACKBONE_COMMANDS, [BACKBONE]))
-    stages.append(("patch index", INDEX_COMMANDS, [f"{R}/index/index.faiss"]))
+    stages.append(("patch index", INDEX_COMMANDS, [INDEX_FILE]))
     stages.append(("retrieval analysis", INDEX_COMMANDS + ["retrieval-analysis"],
                    [f"{R}/analysis/retrieval_accuracy.csv"]))
     for method in config["methods"]:

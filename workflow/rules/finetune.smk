@@ -4,7 +4,8 @@
 rule precompute_retrievals:
     """Top-k retrievals for every position of one shard of the fine-tuning images (held out of the index)."""
     input:
-        index=f"{R}/index/index.faiss",
+        index=INDEX_FILE,
+        index_sidecars=INDEX_SIDECARS,
         backbone=BACKBONE,
         images=FINETUNE_IMAGES,
     output:

@@ -5,7 +5,6 @@
 # codebook hash is equal), so DAiD / FAiD loading the index with the backbone's codebook passes the check.
 INDEX = config["index"]
 INDEX_VQ = f"{R}/models/vq" if SHAPES else BACKBONE
-INDEX_FILE = f"{R}/index/index.faiss"
 VQ_REVISION = "" if SHAPES or not config["backbone"]["revision"] else f"--revision {config['backbone']['revision']}"
 INDEX_KEY_ARGS = (
     f"--neighbourhood {INDEX['neighbourhood']} --hops {INDEX['hops']} --key-space {INDEX['key_space']}"
@@ -16,6 +15,8 @@ EXCLUDED_IMAGES = (
     [f"{R}/shapes/heldout", FINETUNE_IMAGES, BENCHMARK_DIR] if SHAPES else [MJHQ_IMAGES, FINETUNE_IMAGES]
 )
 
+if INDEX["ondisk"] and INDEX["type"] != "ivfpq":
+    raise WorkflowError(f"index.ondisk applies to index.type ivfpq only, not {INDEX['type']!r}: set ondisk: false")
 if INDEX["type"] == "tokens" and INDEX["key_space"] != "codebook":
     raise WorkflowError("index.type 'tokens' stores codebook-space keys: use index.key_space 'codebook', "
                         "or index.type flat / ivfpq for latent keys")
@@ -65,8 +66,8 @@ rule train_index:
     input:
         expand(f"{R}/index/shards/{{shard}}.npz", shard=INDEX_SHARDS),
     output:
-        index=f"{R}/index/trained.faiss",
-        meta=f"{R}/index/trained.faiss.json",
+        index=f"{R}/index/trained.{INDEX_SUFFIX}",
+        meta=f"{R}/index/trained.{INDEX_SUFFIX}.json",
     params:
         kind=INDEX["type"],
         ivf=f"--nlist {INDEX['nlist']} --pq-m {INDEX['pq_m']} --nprobe {INDEX['nprobe']} --train-size {INDEX['train_size']}",
@@ -83,12 +84,12 @@ rule train_index:
 rule add_shard:
     """One shard's patches under global patch ids."""
     input:
-        trained=f"{R}/index/trained.faiss",
-        meta=f"{R}/index/trained.faiss.json",
+        trained=f"{R}/index/trained.{INDEX_SUFFIX}",
+        meta=f"{R}/index/trained.{INDEX_SUFFIX}.json",
         shard=f"{R}/index/shards/{{shard}}.npz",
     output:
-        index=f"{R}/index/added/{{shard}}.faiss",
-        meta=f"{R}/index/added/{{shard}}.faiss.json",
+        index=f"{R}/index/added/{{shard}}.{INDEX_SUFFIX}",
+        meta=f"{R}/index/added/{{shard}}.{INDEX_SUFFIX}.json",
     conda:
         MAIN_ENV
     log:
@@ -99,15 +100,15 @@ rule add_shard:
 
 
 rule merge_index:
-    """Merge the per-shard indexes; the fingerprint (.json) and values (.values.npz) go beside the index."""
+    """Merge the per-shard indexes; the fingerprint (.json), values (.values.npz) and, for an ivfpq index merged
+    on disk, the inverted lists (.ivfdata) go beside the index."""
     input:
-        added=expand(f"{R}/index/added/{{shard}}.faiss", shard=INDEX_SHARDS),
-        meta=expand(f"{R}/index/added/{{shard}}.faiss.json", shard=INDEX_SHARDS),
+        added=expand(f"{R}/index/added/{{shard}}.{INDEX_SUFFIX}", shard=INDEX_SHARDS),
+        meta=expand(f"{R}/index/added/{{shard}}.{INDEX_SUFFIX}.json", shard=INDEX_SHARDS),
         shards=expand(f"{R}/index/shards/{{shard}}.npz", shard=INDEX_SHARDS),
     output:
         index=INDEX_FILE,
-        meta=f"{INDEX_FILE}.json",
-        values=f"{INDEX_FILE}.values.npz",
+        sidecars=INDEX_SIDECARS,
     params:
         ondisk="--ondisk" if INDEX["ondisk"] else "",
     conda:
@@ -123,8 +124,7 @@ rule retrieval_analysis:
     """Appendix C.1 / Figure 6: distance between the ground-truth token and the k-th retrieved token."""
     input:
         index=INDEX_FILE,
-        meta=f"{INDEX_FILE}.json",
-        values=f"{INDEX_FILE}.values.npz",
+        sidecars=INDEX_SIDECARS,
         vq=INDEX_VQ,
         images=f"{R}/shapes/heldout" if SHAPES else FINETUNE_IMAGES,
     output:
