@@ -169,9 +169,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise SystemExit("--method daid needs --index (the patch index)")
         values = parse_variant(args.variant, args.selection)
         settings = DAiDSettings(k=args.daid_k, tau=float(values["tau"]), lam=float(values["lam"]))
-        hook = DAiDHook(load_index_for(backbone.vq, args.index), settings)
+        overlap = device.startswith("cuda")  # see DAiDHook: overlapping pays only when the forward runs on a GPU
+        hook = DAiDHook(load_index_for(backbone.vq, args.index), settings, overlap=overlap)
         method_settings = {"k": settings.k, "tau": settings.tau, "lam": settings.lam, "unique": settings.unique,
-                           "index": str(args.index)}
+                           "index": str(args.index), "overlap": overlap}
 
         def method_inputs(prompts: list[str]) -> dict:
             return {"prob_hook": hook}

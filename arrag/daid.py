@@ -63,11 +63,13 @@ class DAiDHook:
     Positions the index's edge policy leaves without a usable neighbourhood keep the model's distribution.
 
     With `overlap` the search of step t starts in a worker thread when the loop announces the step
-    (`prefetch`), so it runs while the model computes step t's forward (FAISS, numpy and torch release the
-    GIL); the result is the same either way. `seconds` accumulates the time spent retrieving (in whichever
-    thread), for the generation record."""
+    (`prefetch`), so it runs while the model computes step t's forward; the result is the same either way.
+    That pays when the forward leaves the interpreter free, as a GPU forward does while the host waits for
+    it; on CPU both threads need the GIL for their many small operations and overlapping measured slower
+    (`benchmarks/decode_overhead.py`: +37 % vs +30 % at Shapes scale), so the CLI overlaps on CUDA only.
+    `seconds` accumulates the time spent retrieving (in whichever thread), for the generation record."""
 
-    def __init__(self, index: PatchIndex, settings: DAiDSettings, overlap: bool = True):
+    def __init__(self, index: PatchIndex, settings: DAiDSettings, overlap: bool = False):
         self.index, self.settings, self.seconds = index, settings, 0.0
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="daid") if overlap else None
         self._pending: tuple[int, Future] | None = None

@@ -108,7 +108,7 @@ def test_overlapped_retrieval_gives_the_same_tokens(setup):
     backbone, indexes = setup
     index = load_index_for(backbone.vq, indexes["zero"])
     settings = DAiDSettings(k=8, tau=1.0, lam=0.7)
-    overlapped, serial = DAiDHook(index, settings), DAiDHook(index, settings, overlap=False)
+    overlapped, serial = DAiDHook(index, settings, overlap=True), DAiDHook(index, settings)
     tokens = generate(backbone, overlapped)
     assert torch.equal(tokens, generate(backbone, serial)) and not torch.equal(tokens, generate(backbone))
     assert overlapped._pending is None  # every prefetched search was consumed by its step

@@ -24,7 +24,7 @@ Vectors are float32; a key has ``slots * d`` dimensions (slots = number of neigh
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import torch
 
@@ -134,16 +134,24 @@ def query_vectors(tokens: torch.Tensor, step: int, grid: int, codebook: torch.Te
     float32, usable [B] bool). Neighbours outside the grid, at positions >= t, or MISSING are zero vectors;
     `usable` is False where the `skip` edge policy stores no key for this position (then do not retrieve).
     """
+    slots, positions, inside = query_cells(step, grid, spec, tokens.shape[1])
+    slot_tokens = torch.full((tokens.shape[0], spec.slots), MISSING, dtype=torch.long)
+    slot_tokens[:, slots] = tokens[:, positions].long().cpu()
+    usable = torch.full((tokens.shape[0],), inside or spec.edge_policy == "zero", dtype=torch.bool)
+    return token_vectors(slot_tokens, codebook).flatten(1), usable
+
+
+@lru_cache(maxsize=4096)
+def query_cells(step: int, grid: int, spec: KeySpec, known: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """For raster position `step` with tokens 0 .. known-1 known: the slots whose neighbour is known, those
+    neighbours' raster positions (long tensors), and whether every neighbour cell lies inside the grid."""
     row, col = divmod(step, grid)
-    batch = tokens.shape[0]
-    slot_tokens = torch.full((batch, len(spec.offsets)), MISSING, dtype=torch.long)
-    inside = True
+    slots, positions, inside = [], [], True
     for slot, (dr, dc) in enumerate(spec.offsets):
         r, c = row + dr, col + dc
         if not (0 <= r < grid and 0 <= c < grid):
             inside = False
-            continue
-        if r * grid + c < tokens.shape[1]:
-            slot_tokens[:, slot] = tokens[:, r * grid + c].long().cpu()
-    usable = torch.full((batch,), inside or spec.edge_policy == "zero", dtype=torch.bool)
-    return token_vectors(slot_tokens, codebook).flatten(1), usable
+        elif r * grid + c < known:
+            slots.append(slot)
+            positions.append(r * grid + c)
+    return torch.tensor(slots, dtype=torch.long), torch.tensor(positions, dtype=torch.long), inside
