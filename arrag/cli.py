@@ -277,7 +277,12 @@ def cmd_train_index(args: argparse.Namespace) -> None:
 
     params = IndexParams(kind=args.type, nlist=args.nlist, pq_m=args.pq_m, pq_bits=args.pq_bits, nprobe=args.nprobe,
                          train_size=args.train_size, seed=args.seed)
-    layout = train_index(args.shards, args.out, params)
+    spec = None
+    if args.neighbourhood:
+        from arrag.patchdb.neighbourhood import KeySpec
+
+        spec = KeySpec(args.neighbourhood, args.hops, "codebook", args.edge_policy)
+    layout = train_index(args.shards, args.out, params, spec)
     print(f"{args.type} index for {layout['patches']} patches of {layout['images']} images in "
           f"{len(layout['shards'])} shards")
 
@@ -559,6 +564,11 @@ def _add_train_index(parser: argparse.ArgumentParser) -> None:
                         "tokens 16)")
     parser.add_argument("--train-size", type=int, default=0, help="training keys (0: ivfpq 100 x nlist, tokens 40)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--neighbourhood", choices=["L", "O"],
+                        help="codebook-space keys of this neighbourhood, made from the shards' tokens (default: the "
+                        "shards' own keys); with --hops and --edge-policy")
+    parser.add_argument("--hops", default="1", help="with --neighbourhood: key hop levels (default 1)")
+    parser.add_argument("--edge-policy", default="zero", choices=["zero", "skip"], help="with --neighbourhood")
     parser.add_argument("--out", required=True, type=Path, help="trained index to write (+ .json)")
     parser.add_argument("shards", nargs="+", type=Path, help="every shard file of the database")
 

@@ -94,6 +94,28 @@ def test_sharded_build_equals_one_shot_build(tmp_path, vq_dir, database, kind, s
     assert (distances[:, 0] < 1e-5).all()  # database patches find their own neighbourhood at distance 0
 
 
+def test_codebook_keys_redefined_from_the_shards_tokens(tmp_path, vq_dir, database):
+    """An O index over shards encoded for L keys equals an O index over shards encoded for O keys."""
+    vq, spec = load_vq(vq_dir), KeySpec("O", "1")
+    (tmp_path / "direct").mkdir()
+    direct = build(tmp_path / "direct", vq, database, 2, "tokens", spec)
+    paths = [tmp_path / f"shard{i}.npz" for i in range(2)]
+    for i, path in enumerate(paths):
+        encode_shard(vq, read_sources(database), i, 2, KeySpec("L", "1"), Exclusions(), path, batch_size=5)
+    train_index(paths, tmp_path / "trained", IndexParams(kind="tokens", nlist=4, nprobe=4), spec)
+    for i, path in enumerate(paths):
+        add_shard(tmp_path / "trained", path, tmp_path / f"added{i}")
+    merge_index([tmp_path / "added0", tmp_path / "added1"], paths, tmp_path / "index")
+    redefined = PatchIndex.load(tmp_path / "index", expected=Fingerprint.expected(direct.codebook, 4, spec))
+    assert redefined.fingerprint == direct.fingerprint
+    tokens = torch.from_numpy(read_shard(paths[0])["tokens"].astype(np.int64))
+    queries, usable = direct.grid_queries(tokens[:3])
+    queries = queries[:, usable].flatten(0, 1)
+    assert ranked(redefined, queries) == ranked(direct, queries)
+    with pytest.raises(ValueError, match="only codebook-space keys"):
+        train_index(paths, tmp_path / "latent", IndexParams(kind="flat"), KeySpec("O", "1", key_space="latent"))
+
+
 def test_latent_ivfpq_build_and_fingerprint_check(tmp_path, vq_dir, database):
     vq = load_vq(vq_dir)
     spec = KeySpec("L", "1", key_space="latent")

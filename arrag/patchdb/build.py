@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -89,8 +89,13 @@ def default_nlist(patches: int, kind: str) -> int:
     return int(min(65536, max(16, round((4 if kind == "ivfpq" else 1) * patches**0.5))))
 
 
-def train_index(shard_paths: list[str | Path], out: str | Path, params: IndexParams) -> dict:
-    """Write the trained, empty index at `out` and `out`.json (fingerprint without data, shard layout)."""
+def train_index(shard_paths: list[str | Path], out: str | Path, params: IndexParams, spec: KeySpec | None = None
+                ) -> dict:
+    """Write the trained, empty index at `out` and `out`.json (fingerprint without data, shard layout).
+
+    `spec` redefines the keys (default: the shards' own): codebook-space keys are made from the stored tokens, so
+    one encoding serves several neighbourhoods (e.g. the L index of an autoregressive backbone and the O index of
+    a masked one over the same tokenizer); latent keys need the shards' own definition."""
     import faiss
 
     metas = sorted((shard_meta(p) | {"path": str(p)} for p in shard_paths), key=lambda m: m["shard"])
@@ -100,6 +105,12 @@ def train_index(shard_paths: list[str | Path], out: str | Path, params: IndexPar
         if meta["fingerprint"] != metas[0]["fingerprint"]:
             raise ValueError(f"{meta['path']} was encoded with another codebook or key settings than shard 0")
     fingerprint = Fingerprint.from_dict(metas[0]["fingerprint"])
+    if spec is not None and spec != fingerprint.spec:
+        if spec.key_space != "codebook":
+            raise ValueError(f"the shards hold {fingerprint.spec}; only codebook-space keys can be redefined, "
+                             f"not {spec}")
+        fingerprint = replace(fingerprint, neighbourhood=spec.neighbourhood, hops=spec.hops,
+                              key_space=spec.key_space, edge_policy=spec.edge_policy)
     spec = fingerprint.spec
     if params.kind == "tokens" and spec.key_space != "codebook":
         raise ValueError("index type 'tokens' stores codebook-space keys; use flat or ivfpq for latent keys")
@@ -163,8 +174,10 @@ def add_shard(trained: str | Path, shard_path: str | Path, out: str | Path) -> i
 
     fingerprint, meta = read_metadata(metadata_path(trained))
     shard = read_shard(shard_path, with_latents=fingerprint.key_space == "latent")
-    Fingerprint.from_dict(shard["meta"]["fingerprint"]).check(
-        Fingerprint(**{**fingerprint.to_dict(), "index_type": None}), where=f"shard {shard_path}")
+    expected = replace(fingerprint, index_type=None)
+    if fingerprint.key_space == "codebook":  # keys come from the stored tokens (see `train_index`)
+        expected = replace(expected, neighbourhood=None, hops=None, key_space=None, edge_policy=None)
+    Fingerprint.from_dict(shard["meta"]["fingerprint"]).check(expected, where=f"shard {shard_path}")
     offset = {s["shard"]: s["image_offset"] for s in meta["layout"]["shards"]}[shard["meta"]["shard"]]
     keys, slot_tokens, values, ids = shard_patches(shard, fingerprint.spec, offset, fingerprint.index_type != "tokens")
     if fingerprint.index_type == "tokens":
