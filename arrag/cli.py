@@ -561,7 +561,7 @@ def _add_train_index(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pq-m", type=int, default=8, help="ivfpq OPQ / PQ sub-quantisers (official: 8)")
     parser.add_argument("--pq-bits", type=int, default=8, help="ivfpq bits per sub-quantiser code (official: 8)")
     parser.add_argument("--nprobe", type=int, default=0, help="lists visited per query (0: ivfpq 32 as official, "
-                        "tokens 16)")
+                        "tokens 8)")
     parser.add_argument("--train-size", type=int, default=0, help="training keys (0: ivfpq 100 x nlist, tokens 40)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--neighbourhood", choices=["L", "O"],

@@ -284,7 +284,7 @@ def main() -> None:
     parser.add_argument("--daid-k", type=int, default=0, help="distinct tokens (0: codebook size / 8)")
     parser.add_argument("--nlist", type=int, default=1024, help="ivfpq lists")
     parser.add_argument("--token-nlist", type=int, default=0, help="tokens lists (0: sqrt(patches))")
-    parser.add_argument("--token-nprobe", type=int, default=16, help="tokens nprobe of the throughput numbers")
+    parser.add_argument("--token-nprobe", type=int, default=8, help="tokens nprobe of the throughput numbers")
     parser.add_argument("--token-nprobes", type=int, nargs="+", default=[4, 8, 16, 32])
     parser.add_argument("--nprobe", type=int, default=32, help="ivfpq nprobe of the throughput numbers")
     parser.add_argument("--nprobes", type=int, nargs="+", default=[1, 4, 16, 64, 256])
