@@ -272,19 +272,29 @@ def cmd_encode_patches(args: argparse.Namespace) -> None:
         print(json.dumps(count))
 
 
-def cmd_train_index(args: argparse.Namespace) -> None:
-    from arrag.patchdb.build import IndexParams, train_index
+def _index_params(args: argparse.Namespace):
+    """(IndexParams, key redefinition or None) of the train-index / build-index options."""
+    from arrag.patchdb.build import IndexParams
+    from arrag.patchdb.neighbourhood import KeySpec
 
     params = IndexParams(kind=args.type, nlist=args.nlist, pq_m=args.pq_m, pq_bits=args.pq_bits, nprobe=args.nprobe,
                          train_size=args.train_size, seed=args.seed)
-    spec = None
-    if args.neighbourhood:
-        from arrag.patchdb.neighbourhood import KeySpec
+    spec = KeySpec(args.neighbourhood, args.hops, "codebook", args.edge_policy) if args.neighbourhood else None
+    return params, spec
 
-        spec = KeySpec(args.neighbourhood, args.hops, "codebook", args.edge_policy)
-    layout = train_index(args.shards, args.out, params, spec)
+
+def cmd_train_index(args: argparse.Namespace) -> None:
+    from arrag.patchdb.build import train_index
+
+    layout = train_index(args.shards, args.out, *_index_params(args))
     print(f"{args.type} index for {layout['patches']} patches of {layout['images']} images in "
           f"{len(layout['shards'])} shards")
+
+
+def cmd_build_index(args: argparse.Namespace) -> None:
+    from arrag.patchdb.build import build_index
+
+    print(json.dumps(build_index(args.shards, args.out, *_index_params(args)).to_dict()))
 
 
 def cmd_add_shard(args: argparse.Namespace) -> None:
@@ -569,7 +579,7 @@ def _add_train_index(parser: argparse.ArgumentParser) -> None:
                         "shards' own keys); with --hops and --edge-policy")
     parser.add_argument("--hops", default="1", help="with --neighbourhood: key hop levels (default 1)")
     parser.add_argument("--edge-policy", default="zero", choices=["zero", "skip"], help="with --neighbourhood")
-    parser.add_argument("--out", required=True, type=Path, help="trained index to write (+ .json)")
+    parser.add_argument("--out", required=True, type=Path, help="index to write (+ .json; train-index: empty)")
     parser.add_argument("shards", nargs="+", type=Path, help="every shard file of the database")
 
 
@@ -633,6 +643,8 @@ COMMANDS = {
     "encode-patches": (cmd_encode_patches, "encode one shard of database images into patch keys and values",
                        "patch database (Patch database issue)", _add_encode_patches),
     "train-index": (cmd_train_index, "train the patch index (flat, ivfpq or tokens) on all shards",
+                    "FAISS index (Patch database issue)", _add_train_index),
+    "build-index": (cmd_build_index, "train, fill and merge an index in one job (small databases)",
                     "FAISS index (Patch database issue)", _add_train_index),
     "add-shard": (cmd_add_shard, "add one shard of patches to the trained index", "FAISS index (Patch database issue)",
                   _add_add_shard),

@@ -253,3 +253,19 @@ def merge_index(added_paths: list[str | Path], shard_paths: list[str | Path], ou
     complete.write(metadata_path(out), params=meta["params"], layout=meta["layout"], sources=names,
                    shard_sources=[s["meta"]["sources"] for s in shards])
     return complete
+
+
+def build_index(shard_paths: list[str | Path], out: str | Path, params: IndexParams, spec: KeySpec | None = None
+                ) -> Fingerprint:
+    """`train_index`, `add_shard` for every shard and `merge_index` in one call (for databases that one job can
+    hold; the workflow's main index runs the three steps as separate jobs). Intermediate files go to a temporary
+    folder beside `out` and are removed."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as work:
+        trained = Path(work) / "trained"
+        train_index(shard_paths, trained, params, spec)
+        added = [Path(work) / f"added{i}" for i in range(len(shard_paths))]
+        for shard, target in zip(shard_paths, added, strict=True):
+            add_shard(trained, shard, target)
+        return merge_index(added, shard_paths, out)
