@@ -76,8 +76,12 @@ def png_bytes(image: Image.Image) -> bytes:
 
 def to_images(backbone: JanusBackbone, tokens: torch.Tensor) -> list[Image.Image]:
     """Token rows [B, N] -> RGB images via the backbone's VQ decoder."""
-    grid = backbone.grid_size
-    pixels = decode_tokens(backbone.vq, tokens.view(-1, grid, grid).to(backbone.model.device))
+    return tokens_to_images(backbone.vq, tokens, backbone.grid_size)
+
+
+def tokens_to_images(vq: torch.nn.Module, tokens: torch.Tensor, grid: int) -> list[Image.Image]:
+    """Token rows [B, grid * grid] -> RGB images via a Janus VQ decoder (on the VQ's device)."""
+    pixels = decode_tokens(vq, tokens.view(-1, grid, grid).to(next(vq.parameters()).device))
     array = ((pixels.float().permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
     return [Image.fromarray(a) for a in array]
 
@@ -131,13 +135,21 @@ def generate_shard(
     variant: str = "default",
     method_inputs: Callable[[list[str]], dict] | None = None,
     method_settings: dict | None = None,
+    generate_images: Callable[[list[str], list[int]], list[Image.Image]] | None = None,
 ) -> dict:
     """Generate shard `shard` of `shards`; returns its provenance record (see `gather_records`).
 
     `method_inputs(prompts) -> dict` gives extra keyword arguments of `generate_tokens` for a micro-batch's
     prompts (RA-CM3: its retrieved ``prefix_image_tokens``); it runs inside the timed region, so retrieval
-    counts in the method's generation time. `method_settings` is recorded as is.
+    counts in the method's generation time. `method_settings` is recorded as is. Another backbone (Show-o)
+    passes `generate_images(prompts, seeds) -> images` instead of the Janus decode loop; `backbone` then only
+    names the model in the record (`source`, `revision`, `model.device`) and `sampling` is any dataclass.
     """
+    if generate_images is None:
+        def generate_images(prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+            extra = method_inputs(prompts) if method_inputs is not None else {}
+            return to_images(backbone, generate_tokens(backbone, prompts, seeds, sampling, **extra))
+
     if not 0 <= shard < shards:
         raise ValueError(f"shard {shard} is not in 0..{shards - 1}")
     out = Path(images_dir)
@@ -157,10 +169,7 @@ def generate_shard(
         else:
             started = time.perf_counter()
             seeds = [derive_seed(seed, u.item.id, u.index) for u in batch]
-            prompts = [u.item.prompt for u in batch]
-            extra = method_inputs(prompts) if method_inputs is not None else {}
-            tokens = generate_tokens(backbone, prompts, seeds, sampling, **extra)
-            images = to_images(backbone, tokens)
+            images = generate_images([u.item.prompt for u in batch], seeds)
             elapsed = time.perf_counter() - started
             write_batch(batch, images, out, benchmark)
             write_json_atomic(timing, {"images": len(batch), "seconds": elapsed, "device": str(backbone.model.device)})
