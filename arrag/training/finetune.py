@@ -18,8 +18,9 @@ method's own randomness (e.g. caption dropout). RA-CM3 passes ``prefix_image_tok
 `forward_teacher_forced`; FAiD passes ``layer_modules`` built from its blenders and gives those blenders as
 ``extra_modules`` so that they train, checkpoint and save with the adapter.
 
-LoRA is injected in place (`peft.inject_adapter_in_model` on ``model.model.language_model``), so module paths
-such as ``model.model.language_model.layers[i]`` stay valid for the decode loop and for layer modules.
+LoRA is injected in place (`peft.inject_adapter_in_model` on ``model.model.language_model``; Show-o:
+``model.showo.model``), so module paths such as ``model.model.language_model.layers[i]`` stay valid for the decode
+loop and for layer modules.
 
 Several GPUs: run the command under ``torchrun --nproc_per_node G``; each process takes every G-th micro-batch
 of a step and the gradients are summed (all-reduce) before the update, so the weights equal a single-process
@@ -131,21 +132,35 @@ def learning_rate(config: FinetuneConfig, step: int, steps: int) -> float:
     return config.lr * min(1.0, (step + 1) / warmup) if warmup else config.lr
 
 
+def language_model(backbone) -> nn.Module:
+    """The transformer LoRA goes into: Janus' language model, or Show-o's Phi model."""
+    from arrag.models.showo import ShowoBackbone
+
+    return backbone.model.showo.model if isinstance(backbone, ShowoBackbone) else backbone.model.model.language_model
+
+
+def head_prefix(backbone) -> str:
+    """Parameter-name prefix of the image-token head: Janus' generation head, Show-o's LM head."""
+    from arrag.models.showo import ShowoBackbone
+
+    return "showo.lm_head." if isinstance(backbone, ShowoBackbone) else "model.generation_head."
+
+
 def add_lora(backbone: JanusBackbone, config: FinetuneConfig) -> None:
     """Inject LoRA layers into the language model in place (no-op when lora_rank is 0)."""
     if config.lora_rank > 0:
         lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=list(config.lora_targets), bias="none")
-        inject_adapter_in_model(lora, backbone.model.model.language_model)
+        inject_adapter_in_model(lora, language_model(backbone))
 
 
 def trainable_parameters(backbone: JanusBackbone, config: FinetuneConfig,
                          extra_modules: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
     """Freeze the backbone but LoRA (and the generation head if asked); every extra-module parameter trains.
     Returns {name: parameter} in a fixed order (backbone names, then extra.<module>.<name>)."""
-    named = {}
+    named, head = {}, head_prefix(backbone)
     for name, parameter in backbone.model.named_parameters():
-        train = "lora_" in name or (config.train_generation_head and name.startswith("model.generation_head."))
+        train = "lora_" in name or (config.train_generation_head and name.startswith(head))
         parameter.requires_grad_(train)
         if train:
             named[name] = parameter
@@ -334,6 +349,6 @@ def load_finetuned(backbone: JanusBackbone, weights_dir: str | Path,
     _load_tensors(parameters, weights_dir / ADAPTER_FILE)
     for parameter in backbone.model.parameters():
         parameter.requires_grad_(False)
-    merge_lora(backbone.model.model.language_model)
+    merge_lora(language_model(backbone))
     backbone.model.eval()
     return settings
