@@ -59,6 +59,17 @@ def cmd_train_lm(args: argparse.Namespace) -> None:
           f"({metrics['train_seconds']:.0f} s, {metrics['trainable_parameters']} trainable parameters)")
 
 
+def cmd_train_showo(args: argparse.Namespace) -> None:
+    from arrag.training.showo import ShowoTrainConfig, train_shapes_showo
+
+    config = ShowoTrainConfig(hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads,
+                              intermediate_size=args.intermediate_size, steps=args.steps, batch_size=args.batch_size,
+                              lr=args.lr, caption_dropout=args.caption_dropout, seed=args.seed)
+    metrics = train_shapes_showo(args.vq, args.images, args.out, config, args.checkpoint, heldout_dir=args.heldout,
+                                 sample_guidance=args.guidance_scale, sample_steps=args.maskgit_steps)
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict | list)}))
+
+
 def cmd_train_clip(args: argparse.Namespace) -> None:
     from arrag.training.clip import ClipTrainConfig, train_clip
 
@@ -133,6 +144,18 @@ def cmd_finetune_faid(args: argparse.Namespace) -> None:
     print(f"blenders on layers {metrics['layers']}: {metrics['blender_parameters']} parameters")
 
 
+def cmd_finetune_showo_faid(args: argparse.Namespace) -> None:
+    from arrag.faid.augment import FAiDSettings
+    from arrag.masked import finetune_masked_faid
+
+    settings = FAiDSettings(hops=args.hops, m=args.num_blenders, k=args.k, init=args.init)
+    metrics = finetune_masked_faid(args.backbone, args.images, args.index, args.out, args.checkpoint, settings,
+                                   _finetune_config(args), args.caption_dropout, args.max_images,
+                                   _finetune_device(args.device))
+    _print_finetune(metrics)
+    print(f"blenders on layers {metrics['layers']}: {metrics['blender_parameters']} parameters")
+
+
 def _device(name: str) -> str:
     import torch
 
@@ -140,12 +163,15 @@ def _device(name: str) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from arrag.generate import gather_records, generate_shard
-
     if args.gather:
+        from arrag.records import gather_records
+
         record = gather_records(args.shard_records, args.record, args.images)
         print(f"{record['images']} images, {record['generation_seconds']:.1f} s of generation")
         return 0
+    if args.method.startswith("showo"):
+        return _generate_showo(args)
+    from arrag.generate import generate_shard
     from arrag.models.janus import SamplingConfig, load_backbone
 
     device = _device(args.device)
@@ -196,6 +222,54 @@ def cmd_generate(args: argparse.Namespace) -> int:
     record = generate_shard(backbone, args.benchmark, args.prompts, args.images, args.shard, args.shards, args.seed,
                             sampling, args.micro_batch, args.samples_per_prompt, args.ablation_subset, args.method,
                             args.variant, method_inputs, method_settings)
+    write_json_atomic(args.record, record)
+    print(f"shard {args.shard}/{args.shards}: {record['images_generated']} generated, "
+          f"{record['images_skipped']} already there, {record['generation_seconds']:.1f} s")
+    return 0
+
+
+def _generate_showo(args: argparse.Namespace) -> int:
+    """`arrag generate` with a Shapes-world Show-o (its folder holds its VQ): vanilla MaskGIT decoding, DAiD or FAiD
+    on masked decoding (Appendix B.2: retrieval in the final half of the steps, O-neighbourhood index)."""
+    from arrag.generate import generate_shard, tokens_to_images
+    from arrag.models.showo import MaskGitSampling, final_half, generate_tokens, load_showo
+    from arrag.training.showo import load_shapes_vq
+
+    device = _device(args.device)
+    backbone = load_showo(str(args.backbone), revision=args.revision or None, device=device)
+    vq = load_shapes_vq(args.backbone).to(device)
+    sampling = MaskGitSampling(guidance_scale=args.guidance_scale, steps=args.maskgit_steps,
+                               temperature=args.temperature)
+    extra, method_settings = {}, {}
+    if args.method in ("showo_daid", "showo_faid") and not args.index:
+        raise SystemExit(f"--method {args.method} needs --index (an O-neighbourhood patch index)")
+    if args.method == "showo_daid":
+        from arrag.daid import DAiDSettings, load_index_for, parse_variant
+        from arrag.masked import MaskedDAiDHook, check_masked_index
+
+        values = parse_variant(args.variant, args.selection)
+        settings = DAiDSettings(k=args.daid_k, tau=float(values["tau"]), lam=float(values["lam"]))
+        index = load_index_for(vq, args.index)
+        check_masked_index(index, backbone.grid_size, backbone.config.codebook_size)
+        extra = {"prob_hook": MaskedDAiDHook(index, settings), "hook_steps": final_half(sampling.steps)}
+        method_settings = {"k": settings.k, "tau": settings.tau, "lam": settings.lam, "unique": settings.unique,
+                           "index": str(args.index), "steps": list(final_half(sampling.steps))}
+    if args.method == "showo_faid":
+        from arrag.daid import load_index_for
+        from arrag.masked import load_masked_faid, masked_decode_modules
+
+        if not (args.weights and len(args.weights) == 1):
+            raise SystemExit("--method showo_faid needs --weights (one finetune-showo-faid output)")
+        faid, method_settings = load_masked_faid(backbone, args.weights[0])
+        extra = {"layer_modules": masked_decode_modules(backbone, faid, load_index_for(vq, args.index))}
+        method_settings["index"] = str(args.index)
+
+    def generate_images(prompts: list[str], seeds: list[int]) -> list:
+        return tokens_to_images(vq, generate_tokens(backbone, prompts, seeds, sampling, **extra), backbone.grid_size)
+
+    record = generate_shard(backbone, args.benchmark, args.prompts, args.images, args.shard, args.shards, args.seed,
+                            sampling, args.micro_batch, args.samples_per_prompt, args.ablation_subset, args.method,
+                            args.variant, method_settings=method_settings, generate_images=generate_images)
     write_json_atomic(args.record, record)
     print(f"shard {args.shard}/{args.shards}: {record['images_generated']} generated, "
           f"{record['images_skipped']} already there, {record['generation_seconds']:.1f} s")
@@ -398,6 +472,14 @@ def _add_train_lm(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+def _add_train_showo(parser: argparse.ArgumentParser) -> None:
+    _add_train_lm(parser)
+    parser.set_defaults(steps=500)
+    parser.add_argument("--heldout", type=Path, help="held-out split: masked-token cross-entropy, sample captions")
+    parser.add_argument("--guidance-scale", type=float, default=3.0, help="sample grid: Show-o guidance")
+    parser.add_argument("--maskgit-steps", type=int, default=12, help="sample grid: decoding steps")
+
+
 def _add_train_clip(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", required=True, type=Path, help="split folder to train on (images, masks, captions)")
     parser.add_argument("--heldout", type=Path, help="split folder for the zero-shot colour / shape accuracies")
@@ -470,10 +552,22 @@ def _add_finetune_faid(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("retrievals", nargs="+", type=Path, help="precompute-retrievals shard files")
 
 
+def _add_finetune_showo_faid(parser: argparse.ArgumentParser) -> None:
+    _finetune_options(parser)
+    parser.add_argument("--index", required=True, type=Path, help="O-neighbourhood patch index (build-index)")
+    parser.add_argument("--hops", required=True, help="blender hop levels, e.g. 1, 2 or 12")
+    parser.add_argument("--num-blenders", required=True, type=int, help="number of blender modules m")
+    parser.add_argument("--k", type=int, default=10, help="retrieved patches per masked position")
+    parser.add_argument("--init", default="zero", choices=["zero", "official"])
+    parser.add_argument("--max-images", type=int, default=0, help="fine-tune on the first N images (0: all)")
+
+
 def _add_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--benchmark", choices=["geneval", "dpg", "mjhq", "mjhq_ablation"])
     parser.add_argument("--prompts", type=Path, help="GenEval metadata jsonl, DPG prompt folder or MJHQ meta_data.json")
-    parser.add_argument("--method", default="vanilla", choices=["vanilla", "racm3", "daid", "faid"])
+    parser.add_argument("--method", default="vanilla",
+                        choices=["vanilla", "racm3", "daid", "faid", "showo", "showo_daid", "showo_faid"],
+                        help="showo*: --backbone is a Shapes-world Show-o (train-showo output)")
     parser.add_argument("--variant", default="default", help="ablation cell or 'default' / 'selected'")
     parser.add_argument("--backbone", help="hub id or local folder of the backbone")
     parser.add_argument("--revision", default="", help="pinned hub revision (empty: none)")
@@ -482,6 +576,9 @@ def _add_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cfg-weight", type=float, default=5.0)
+    parser.add_argument("--guidance-scale", type=float, default=5.0,
+                        help="Show-o: (1 + w) cond - w uncond, the official form (official t2i default 5)")
+    parser.add_argument("--maskgit-steps", type=int, default=50, help="Show-o: decoding steps (official default 50)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0, help="keep the k most probable tokens (0: off)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
@@ -658,6 +755,10 @@ COMMANDS = {
                               "images", "FAiD training data (FAiD issue)", _add_precompute_retrievals),
     "finetune-faid": (cmd_finetune_faid, "fine-tune FAiD blenders (and LoRA)", "FAiD fine-tuning (FAiD issue)",
                       _add_finetune_faid),
+    "train-showo": (cmd_train_showo, "train the Shapes-world masked-decoding (Show-o) backbone",
+                    "Show-o backbone (Show-o issue)", _add_train_showo),
+    "finetune-showo-faid": (cmd_finetune_showo_faid, "fine-tune FAiD blenders on a Show-o backbone (masked decoding)",
+                            "FAiD on Show-o (Show-o issue)", _add_finetune_showo_faid),
     "finetune-racm3": (cmd_finetune_racm3, "fine-tune the backbone with prepended retrieved images",
                        "RA-CM3 fine-tuning (RA-CM3 issue)", _add_finetune_racm3),
     "generate": (cmd_generate, "generate one shard of a benchmark with one method, or --gather the shards",

@@ -45,12 +45,16 @@ caption and no blending, as `arrag.faid.train.faid_loss`.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from arrag.daid import DAiDSettings, merge_distributions
 from arrag.faid.augment import FAiD, FAiDSettings
@@ -60,12 +64,23 @@ from arrag.models.showo import (
     attention_bias,
     final_half,
     image_logits,
-    mask_ratio,
+    load_showo,
     t2i_input_ids,
     text_ids,
 )
 from arrag.patchdb.index import PatchIndex
 from arrag.patchdb.neighbourhood import MISSING
+from arrag.training.finetune import (
+    ADAPTER_FILE,
+    FinetuneConfig,
+    distributed_rank,
+    encode_files,
+    finetune,
+    finetune_pairs,
+    load_finetuned,
+)
+from arrag.training.showo import load_shapes_vq, mask_tokens, masked_token_loss
+from evaluators.io import sha256_file, write_json_atomic
 
 # ---------------------------------------------------------------------------------------------------------- retrieval
 
@@ -285,24 +300,15 @@ def masked_teacher_forced_modules(backbone: ShowoBackbone, faid: FAiD, retrieved
 # ---------------------------------------------------------------------------------------------------------- training
 
 
-def draw_masks(batch: int, num_tokens: int, generator: torch.Generator, schedule: str = "cosine",
-               min_masking_rate: float = 0.0) -> torch.Tensor:
-    """Show-o's training masks [B, N] bool: per image r ~ U(0, 1), ratio = max(schedule(r), min_masking_rate),
-    round(N * ratio) (at least 1) positions masked uniformly at random (official `mask_or_random_replace_tokens`)."""
-    ratio = mask_ratio(schedule, torch.rand(batch, generator=generator)).clamp(min=min_masking_rate)
-    count = (num_tokens * ratio).round().clamp(min=1, max=num_tokens)  # [B]
-    order = torch.rand(batch, num_tokens, generator=generator).argsort(dim=-1)  # a random permutation per row
-    return order < count.unsqueeze(-1)
-
-
 def noised_retrievals(tokens: torch.Tensor, index: PatchIndex, k: int, generator: torch.Generator,
-                      schedule: str = "cosine", min_masking_rate: float = 0.0, unique: bool = False
-                      ) -> dict[str, torch.Tensor]:
-    """FAiD training data for token grids [B, N]: one noising draw per row (`draw_masks`) and the top-k retrievals
-    of every masked position from the noised grid, one search -> {masked [B, N] bool, retrieved [B, N, k] long
-    (-1 at decoded positions), distances [B, N, k]}. Repeat rows for several time steps of one image."""
+                      schedule: str = "cosine", unique: bool = False) -> dict[str, torch.Tensor]:
+    """FAiD training data for token grids [B, N]: one noising draw per row as Show-o's training draws it (a time
+    r ~ U(0, 1) per row, then `arrag.training.showo.mask_tokens`) and the top-k retrievals of every masked position
+    from the noised grid, one search -> {masked [B, N] bool, retrieved [B, N, k] long (-1 at decoded positions),
+    distances [B, N, k]}. Repeat rows for several time steps of one image."""
     check_masked_index(index)
-    masked = draw_masks(len(tokens), tokens.shape[1], generator, schedule, min_masking_rate)
+    times = torch.rand(len(tokens), generator=generator)
+    _, masked = mask_tokens(tokens, 0, times, generator, schedule)
     retrieved, distances = retrieve_masked(index, tokens, masked, k, unique)
     return {"masked": masked, "retrieved": retrieved, "distances": distances}
 
@@ -324,4 +330,60 @@ def masked_faid_loss(backbone: ShowoBackbone, batch: dict[str, torch.Tensor], ge
     input_ids = t2i_input_ids(backbone, text, grid)
     modules = masked_teacher_forced_modules(backbone, faid, batch["retrieved"].long(), blend_rows=~dropped)
     logits = image_logits(backbone, input_ids, attention_bias(backbone, input_ids), grid, modules, None, None)
-    return F.cross_entropy(logits.float()[masked], tokens[masked])
+    return masked_token_loss(logits, tokens, masked)
+
+
+# ---------------------------------------------------------------------------------------------------------- fine-tuning
+
+SETTINGS_FILE = "faid.json"
+
+
+def finetune_masked_faid(showo_dir: str | Path, train_dir: str | Path, index_path: str | Path, out_dir: str | Path,
+                         checkpoint_dir: str | Path, settings: FAiDSettings, config: FinetuneConfig,
+                         caption_dropout: float = 0.1, images: int = 0, device: str = "cpu") -> dict:
+    """Fine-tune FAiD on a Shapes-world Show-o (its folder holds the VQ it was trained with, `vq/`): the first
+    `images` training images (0: all), each noised once as Show-o's training does, with the top-k retrievals of
+    its masked positions from the O index at `index_path` (`noised_retrievals`, seeded by config.seed); then the
+    loop shared with the autoregressive FAiD. Writes `out_dir` (adapter, faid.json, metrics.json); returns
+    the metrics."""
+    from arrag.daid import load_index_for
+
+    backbone = load_showo(str(showo_dir), device=device)
+    vq = load_shapes_vq(showo_dir)
+    records, captions, files = finetune_pairs(train_dir)
+    if images:
+        records, captions, files = records[:images], captions[:images], files[:images]
+    with Image.open(files[0]) as first:
+        tokens = encode_files(vq, files, first.size[0])  # the split's image size, which the VQ was trained at
+    index = load_index_for(vq, index_path)
+    check_masked_index(index, backbone.grid_size, backbone.config.codebook_size)
+    noised = noised_retrievals(tokens, index, settings.k, torch.Generator().manual_seed(config.seed))
+    examples = {"text": text_ids(backbone, captions), "image_tokens": tokens, "masked": noised["masked"],
+                "retrieved": noised["retrieved"]}
+    torch.manual_seed(config.seed)  # blender initialisation
+    faid = faid_for_showo(backbone, settings)
+    loss_fn = partial(masked_faid_loss, faid=faid, caption_dropout=caption_dropout)
+    metrics = finetune(backbone, examples, loss_fn, config, out_dir, checkpoint_dir, extra_modules={"faid": faid},
+                       title=f"FAiD fine-tuning on Show-o (hops {settings.hops}, m {settings.m})")
+    metrics.update(hops=settings.hops, m=settings.m, k=settings.k, layers=faid.layers, images=len(files),
+                   blender_parameters=sum(p.numel() for p in faid.parameters()), caption_dropout=caption_dropout,
+                   masked_fraction=float(noised["masked"].float().mean()))
+    if distributed_rank()[0] == 0:
+        write_json_atomic(Path(out_dir) / SETTINGS_FILE, {
+            "settings": asdict(settings), "caption_dropout": caption_dropout, "layers": faid.layers,
+            "retrievals": {"index": str(index_path), "images": len(files), "noising": "one draw per image"}})
+        write_json_atomic(Path(out_dir) / "metrics.json", metrics)
+    return metrics
+
+
+def load_masked_faid(backbone: ShowoBackbone, weights_dir: str | Path) -> tuple[FAiD, dict]:
+    """Apply `finetune_masked_faid` weights to a freshly loaded Show-o -> (FAiD in eval mode, settings for the
+    generation record). Build `masked_decode_modules` afterwards."""
+    weights_dir = Path(weights_dir)
+    stored = json.loads((weights_dir / SETTINGS_FILE).read_text())
+    settings = FAiDSettings(**stored["settings"])
+    faid = faid_for_showo(backbone, settings)
+    load_finetuned(backbone, weights_dir, extra_modules={"faid": faid})
+    faid.eval()
+    return faid, {**asdict(settings), "layers": faid.layers, "weights": str(weights_dir),
+                  "adapter_sha256": sha256_file(weights_dir / ADAPTER_FILE)}

@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 
 import arrag.generate as generation
-from arrag.generate import gather_records, generate_shard
+from arrag.generate import generate_shard
 from arrag.models.janus import SamplingConfig, build_tiny_backbone
+from arrag.records import gather_records
 from arrag.shapes.benchmarks import BenchmarkSizes, write_benchmarks
 from arrag.shapes.dataset import ShapesConfig, write_split
 

@@ -1,5 +1,6 @@
 """The Snakemake DAG: dry runs of every config, lint, and the CI config end to end."""
 
+import json
 import os
 import re
 import resource
@@ -41,13 +42,17 @@ def test_dry_run_of_the_whole_pipeline(name):
     shards, index_shards = config["sampling"]["shards"], config["index"]["shards"]
     n_daid = len(config["daid"]["grid"]["lam"]) * len(config["daid"]["grid"]["tau"])
     n_faid = len(config["faid"]["grid"]["hops"]) * len(config["faid"]["grid"]["m"])
-    folders = 3 * len(config["methods"]) + n_daid + n_faid  # (benchmark, method) rows + ablation cells
+    n_showo = len(config["showo"]["methods"])  # Show-o rows: the MJHQ-style benchmark only
+    folders = 3 * len(config["methods"]) + n_daid + n_faid + n_showo  # (benchmark, method) rows + ablation cells
     main_shards = shards["geneval"] + shards["dpg"] + shards["mjhq"]
-    assert counts["generate"] == len(config["methods"]) * main_shards + (n_daid + n_faid) * shards["mjhq_ablation"]
+    assert counts["generate"] == (len(config["methods"]) * main_shards + (n_daid + n_faid) * shards["mjhq_ablation"]
+                                  + n_showo * shards["mjhq"])
     assert counts["gather_generation"] == folders
+    assert counts.get("train_shapes_showo", 0) == counts.get("showo_index", 0) == int(n_showo > 0)
+    assert counts.get("finetune_showo_faid", 0) == int("showo_faid" in config["showo"]["methods"])
     assert counts["encode_patches"] == counts["add_shard"] == counts["precompute_retrievals"] == index_shards
     assert counts["finetune_faid"] == n_faid
-    assert counts["image_metric"] == 3 * len(config["methods"]) + n_daid + n_faid
+    assert counts["image_metric"] == 3 * len(config["methods"]) + n_daid + n_faid + 3 * n_showo
     assert counts["geneval_score"] == counts["dpg_score"] == len(config["methods"])
     assert counts["tables"] == 1
     if config["scale"] == "shapes":
@@ -97,6 +102,11 @@ def test_ci_config_end_to_end(tmp_path):
                  "vocabulary.json"):
         assert (run / "benchmarks" / path).is_file()
     assert (tmp_path / "logs" / "ci" / "shapes_benchmarks.log").is_file()
+    for method, variant in (("showo", "default"), ("showo_daid", "lam0.1_tau0.5"), ("showo_faid", "default")):
+        fid = json.loads((run / "metrics" / "mjhq" / method / variant / "fid.json").read_text())
+        assert fid["n_images"]["gen"] == 16
+    table3 = (run / "tables" / "table3_mjhq.md").read_text()
+    assert "Show-o" in table3
     if "not implemented yet" in log:
         assert "stage(s) not implemented yet, left out of `all`" in log
     assert elapsed < 8 * 60

@@ -99,16 +99,21 @@ def load_square(path: str | Path, size: int) -> np.ndarray:
     return np.asarray(image)
 
 
-@torch.no_grad()
 def vq_tokens(backbone: JanusBackbone, files: list[Path], batch_size: int = 64) -> torch.Tensor:
-    """Image files -> their VQ tokens [n, N] (raster order, on the CPU), read and encoded in batches."""
-    size = backbone.model.config.vision_config.image_size
-    device = backbone.model.device
+    """Image files -> their tokens [n, N] under the backbone's VQ (raster order, on the CPU)."""
+    return encode_files(backbone.vq, files, backbone.model.config.vision_config.image_size, batch_size)
+
+
+@torch.no_grad()
+def encode_files(vq: nn.Module, files: list[Path], size: int, batch_size: int = 64) -> torch.Tensor:
+    """Image files -> their tokens [n, N] under a Janus VQ (squared to `size` pixels, raster order, on the CPU),
+    read and encoded in batches on the VQ's device."""
+    device = next(vq.parameters()).device
     chunks = []
     for start in tqdm(range(0, len(files), batch_size), desc="VQ-tokenise images", mininterval=5,
                       disable=len(files) <= batch_size):
         images = torch.from_numpy(np.stack([load_square(f, size) for f in files[start:start + batch_size]]))
-        chunks.append(encode_images(backbone.vq, to_model_input(images).to(device)).flatten(1).cpu())
+        chunks.append(encode_images(vq, to_model_input(images).to(device)).flatten(1).cpu())
     return torch.cat(chunks)
 
 

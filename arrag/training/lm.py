@@ -10,7 +10,6 @@ train. The result is saved with `save_pretrained` (safetensors + processor) and 
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,7 +33,15 @@ from arrag.models.janus import (
 )
 from arrag.models.vq import decode_tokens, encode_images
 from arrag.shapes.dataset import read_annotations
-from arrag.training.loop import LossLog, batch_indices, load_checkpoint, save_checkpoint, step_generator
+from arrag.training.loop import (
+    LossLog,
+    batch_indices,
+    load_checkpoint,
+    optimizer_step,
+    save_checkpoint,
+    step_generator,
+    warmup_cosine,
+)
 from arrag.training.vq import read_images, to_model_input
 from evaluators.io import write_json_atomic
 
@@ -57,10 +64,7 @@ class LMTrainConfig:
 
 def learning_rate(config: LMTrainConfig, step: int) -> float:
     """Linear warm-up, then cosine decay to a tenth of the peak."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return warmup_cosine(config.lr, config.warmup_steps, config.steps, step)
 
 
 @torch.no_grad()
@@ -131,12 +135,7 @@ def train_lm(train_dir: str | Path, vq_dir: str | Path, out_dir: str | Path, che
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
             logits = forward_teacher_forced(backbone, ids, targets, mask)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
+        optimizer_step(optimizer, parameters, loss, learning_rate(config, step))
         log.add(step, loss=loss.item(), lr=learning_rate(config, step))
         progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:

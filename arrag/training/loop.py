@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from pathlib import Path
 
 import torch
@@ -36,6 +37,25 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     write_bytes_atomic(path, buffer.getvalue())
+
+
+def warmup_cosine(peak: float, warmup_steps: int, steps: int, step: int) -> float:
+    """Learning rate of `step`: linear warm-up to `peak`, then cosine decay to a tenth of it at `steps`."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, parameters, loss: torch.Tensor, lr: float,
+                   max_grad_norm: float = 1.0) -> None:
+    """One update from a scalar loss: set the learning rate, backward, clip the gradient norm, step."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+    optimizer.step()
 
 
 def load_checkpoint(path: str | Path) -> dict | None:

@@ -30,11 +30,17 @@ INDEX_FILE = f"{R}/index/index.{INDEX_SUFFIX}"
 INDEX_SIDECARS = [f"{INDEX_FILE}.json", f"{INDEX_FILE}.values.npz"] + (
     [f"{INDEX_FILE}.ivfdata"] if config["index"]["ondisk"] and config["index"]["type"] == "ivfpq" else []
 )
+SHOWO_MODEL = f"{R}/models/showo"
+SHOWO_INDEX = f"{R}/index_showo/index.tokens"
 LOGS = f"logs/{RUN}"
 SHAPES = config["scale"] == "shapes"
 CONFIG_HASH = config_hash(config)
 BENCHMARKS = ["geneval", "dpg", "mjhq"]
 INDEX_SHARDS = list(range(config["index"]["shards"]))
+# Threads of a generation or metric job. In the Shapes world such a job spends most of its time in single-threaded
+# work (imports, the decode loop's per-step dispatch of a tiny model, PIL resizing), so two one-thread jobs side by
+# side finish sooner than the same jobs one after the other with two threads each; training jobs keep two.
+EVAL_THREADS = 1 if SHAPES else 2
 FINETUNE_GPUS = 0 if SHAPES else config["finetune_gpus"]
 # The fine-tuning CLI, under torchrun (one process per GPU, gradients summed) when a job has several GPUs.
 FINETUNE_LAUNCH = (["python", "-m", "arrag.cli"] if FINETUNE_GPUS <= 1
@@ -44,7 +50,7 @@ FINETUNE_LAUNCH = (["python", "-m", "arrag.cli"] if FINETUNE_GPUS <= 1
 wildcard_constraints:
     split="database|train|heldout",
     bench="geneval|dpg|mjhq|mjhq_ablation",
-    method="vanilla|racm3|daid|faid",
+    method="vanilla|racm3|daid|faid|showo|showo_daid|showo_faid",
     shard=r"\d+",
 
 
@@ -130,8 +136,16 @@ def finetune_arguments(settings):
 
 
 def main_variant(method):
-    """vanilla and RA-CM3 have one setting; DAiD and FAiD use the values selected from their ablation."""
-    return "default" if method in ("vanilla", "racm3") else "selected"
+    """vanilla, RA-CM3 and Show-o have one setting; DAiD and FAiD use the values selected from their ablation;
+    DAiD on Show-o the values of the config (no ablation on Show-o)."""
+    if method == "showo_daid":
+        return f"lam{config['showo']['daid']['lam']}_tau{config['showo']['daid']['tau']}"
+    return "selected" if method in ("daid", "faid") else "default"
+
+
+def generation_backbone(wildcards):
+    """The backbone folder (or hub id) a generation job loads: Show-o for the showo* methods."""
+    return SHOWO_MODEL if wildcards.method.startswith("showo") else BACKBONE
 
 
 # ---------------------------------------------------------------- inputs of generation and scoring
@@ -149,6 +163,11 @@ def method_inputs(wildcards):
     if method == "racm3":
         inputs["weights"] = f"{R}/models/racm3"
         inputs["clip_index"] = f"{R}/racm3/clip_index"
+    if method in ("showo_daid", "showo_faid"):
+        inputs["index"] = SHOWO_INDEX
+        inputs["index_sidecars"] = [f"{SHOWO_INDEX}.json", f"{SHOWO_INDEX}.values.npz"]
+    if method == "showo_faid":
+        inputs["weights"] = f"{R}/models/showo_faid"
     return inputs
 
 
@@ -156,10 +175,15 @@ def method_arguments(wildcards, input):
     """`arrag generate` arguments for a method's inputs (a list; lists of files follow their option)."""
     arguments = []
     for key in method_inputs(wildcards):
+        if key == "index_sidecars":  # read by the CLI beside --index, not an option of their own
+            continue
         files = input[key]
         arguments += [f"--{key.replace('_', '-')}", *([files] if isinstance(files, str) else files)]
     if wildcards.method == "faid" and config["faid"]["blend_unconditional"]:
         arguments.append("--blend-unconditional")
+    if wildcards.method.startswith("showo"):
+        sampling = config["showo"]["sampling"]
+        arguments += ["--guidance-scale", str(sampling["guidance_scale"]), "--maskgit-steps", str(sampling["steps"])]
     return arguments
 
 
@@ -239,6 +263,9 @@ METHOD_COMMANDS = {
     "faid": INDEX_COMMANDS + ["precompute-retrievals", "finetune-faid", "generate", "select", "eval:fid"],
     "racm3": BACKBONE_COMMANDS + (["train-clip"] if SHAPES else [])
     + ["build-clip-index", "finetune-racm3", "generate"],
+    "showo": ["train-vq", "train-showo", "generate"],
+    "showo_daid": ["train-vq", "train-showo", "encode-patches", "build-index", "generate"],
+    "showo_faid": ["train-vq", "train-showo", "encode-patches", "build-index", "finetune-showo-faid", "generate"],
 }
 METRIC_FILES = {"geneval": ["geneval"], "dpg": ["dpg"], "mjhq": ["fid", "cmmd", "fwd"]}
 METRICS = tuple(f"{m}:" for metrics in METRIC_FILES.values() for m in metrics)
@@ -276,6 +303,13 @@ def stage_targets():
             for metric in metrics:
                 stages.append((f"{metric}: {method}", DATA_COMMANDS + METHOD_COMMANDS[method] + metric_commands(metric),
                                [f"{R}/metrics/{bench}/{method}/{variant}/{metric}.json"]))
+    for method in config["showo"]["methods"]:  # Table 3 only: the MJHQ-style benchmark
+        variant = main_variant(method)
+        stages.append((f"generation: {method}", DATA_COMMANDS + METHOD_COMMANDS[method],
+                       [f"{R}/generated/mjhq/{method}/{variant}/record.json"]))
+        for metric in METRIC_FILES["mjhq"]:
+            stages.append((f"{metric}: {method}", DATA_COMMANDS + METHOD_COMMANDS[method] + metric_commands(metric),
+                           [f"{R}/metrics/mjhq/{method}/{variant}/{metric}.json"]))
     stages.append(("tables", ["tables"], [f"{R}/tables/README.md"]))
     return stages
 

@@ -20,7 +20,7 @@ rule image_metric:
         else ["--no-per-category"],
         seed=config["seed"],
         config_hash=CONFIG_HASH,
-    threads: 2
+    threads: EVAL_THREADS
     resources:
         gpu=0 if SHAPES else 1,
     conda:

@@ -6,7 +6,7 @@ rule generate:
     """One shard (i of N) of one benchmark with one method and variant; resumable."""
     input:
         unpack(lambda wc: {**method_inputs(wc), **benchmark_files()}),
-        backbone=BACKBONE,
+        backbone=generation_backbone,
     output:
         f"{R}/generated/{{bench}}/{{method}}/{{variant}}/shards/{{shard}}.json",
     params:
@@ -27,7 +27,7 @@ rule generate:
         daid_k=config["daid"]["k"],
     resources:
         gpu=0 if SHAPES else 1,
-    threads: 2
+    threads: EVAL_THREADS
     conda:
         MAIN_ENV
     log:

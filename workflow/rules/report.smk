@@ -17,7 +17,7 @@ rule tables:
         out_dir=lambda wildcards, output: os.path.dirname(output[0]),
         reported=lambda wildcards, input: os.path.dirname(input.reported[0]),
         scale=config["scale"],
-        methods=[f"--method={m}={main_variant(m)}" for m in config["methods"]],
+        methods=[f"--method={m}={main_variant(m)}" for m in config["methods"] + config["showo"]["methods"]],
         lam=config["daid"]["grid"]["lam"],
         tau=config["daid"]["grid"]["tau"],
         hops=config["faid"]["grid"]["hops"],
