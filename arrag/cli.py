@@ -150,7 +150,7 @@ def cmd_finetune_showo_faid(args: argparse.Namespace) -> None:
 
     settings = FAiDSettings(hops=args.hops, m=args.num_blenders, k=args.k, init=args.init)
     metrics = finetune_masked_faid(args.backbone, args.images, args.index, args.out, args.checkpoint, settings,
-                                   _finetune_config(args), args.caption_dropout, args.max_images,
+                                   _finetune_config(args), args.caption_dropout, args.max_images, args.noise_draws,
                                    _finetune_device(args.device))
     _print_finetune(metrics)
     print(f"blenders on layers {metrics['layers']}: {metrics['blender_parameters']} parameters")
@@ -560,6 +560,8 @@ def _add_finetune_showo_faid(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=10, help="retrieved patches per masked position")
     parser.add_argument("--init", default="zero", choices=["zero", "official"])
     parser.add_argument("--max-images", type=int, default=0, help="fine-tune on the first N images (0: all)")
+    parser.add_argument("--noise-draws", type=int, default=1,
+                        help="noised states (time steps) per image, each a training row with its own retrievals")
 
 
 def _add_generate(parser: argparse.ArgumentParser) -> None:

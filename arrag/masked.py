@@ -340,12 +340,14 @@ SETTINGS_FILE = "faid.json"
 
 def finetune_masked_faid(showo_dir: str | Path, train_dir: str | Path, index_path: str | Path, out_dir: str | Path,
                          checkpoint_dir: str | Path, settings: FAiDSettings, config: FinetuneConfig,
-                         caption_dropout: float = 0.1, images: int = 0, device: str = "cpu") -> dict:
+                         caption_dropout: float = 0.1, images: int = 0, noise_draws: int = 1,
+                         device: str = "cpu") -> dict:
     """Fine-tune FAiD on a Shapes-world Show-o (its folder holds the VQ it was trained with, `vq/`): the first
-    `images` training images (0: all), each noised once as Show-o's training does, with the top-k retrievals of
-    its masked positions from the O index at `index_path` (`noised_retrievals`, seeded by config.seed); then the
-    loop shared with the autoregressive FAiD. Writes `out_dir` (adapter, faid.json, metrics.json); returns
-    the metrics."""
+    `images` training images (0: all), each noised `noise_draws` times as Show-o's training does (the paper
+    retrieves for the noised states of several time steps of each instance: every draw is a training row), with
+    the top-k retrievals of its masked positions from the O index at `index_path` (`noised_retrievals`, seeded
+    by config.seed); then the loop shared with the autoregressive FAiD. Writes `out_dir` (adapter, faid.json,
+    metrics.json); returns the metrics."""
     from arrag.daid import load_index_for
 
     backbone = load_showo(str(showo_dir), device=device)
@@ -357,21 +359,23 @@ def finetune_masked_faid(showo_dir: str | Path, train_dir: str | Path, index_pat
         tokens = encode_files(vq, files, first.size[0])  # the split's image size, which the VQ was trained at
     index = load_index_for(vq, index_path)
     check_masked_index(index, backbone.grid_size, backbone.config.codebook_size)
+    tokens = tokens.repeat(noise_draws, 1)  # row d * n + i: draw d of image i
     noised = noised_retrievals(tokens, index, settings.k, torch.Generator().manual_seed(config.seed))
-    examples = {"text": text_ids(backbone, captions), "image_tokens": tokens, "masked": noised["masked"],
-                "retrieved": noised["retrieved"]}
+    examples = {"text": text_ids(backbone, captions).repeat(noise_draws, 1), "image_tokens": tokens,
+                "masked": noised["masked"], "retrieved": noised["retrieved"]}
     torch.manual_seed(config.seed)  # blender initialisation
     faid = faid_for_showo(backbone, settings)
     loss_fn = partial(masked_faid_loss, faid=faid, caption_dropout=caption_dropout)
     metrics = finetune(backbone, examples, loss_fn, config, out_dir, checkpoint_dir, extra_modules={"faid": faid},
                        title=f"FAiD fine-tuning on Show-o (hops {settings.hops}, m {settings.m})")
     metrics.update(hops=settings.hops, m=settings.m, k=settings.k, layers=faid.layers, images=len(files),
+                   noise_draws=noise_draws,
                    blender_parameters=sum(p.numel() for p in faid.parameters()), caption_dropout=caption_dropout,
                    masked_fraction=float(noised["masked"].float().mean()))
     if distributed_rank()[0] == 0:
         write_json_atomic(Path(out_dir) / SETTINGS_FILE, {
             "settings": asdict(settings), "caption_dropout": caption_dropout, "layers": faid.layers,
-            "retrievals": {"index": str(index_path), "images": len(files), "noising": "one draw per image"}})
+            "retrievals": {"index": str(index_path), "images": len(files), "noise_draws": noise_draws}})
         write_json_atomic(Path(out_dir) / "metrics.json", metrics)
     return metrics
 

@@ -43,11 +43,12 @@ def world(tmp_path_factory):
 def test_faid_finetune_and_every_method_generates(world, tmp_path):
     assert main(["finetune-showo-faid", "--backbone", str(world / "showo"), "--images", str(world / "train"),
                  "--index", str(world / "index_o" / "index.tokens"), "--hops", "1", "--num-blenders", "2",
-                 "--k", "3", "--max-images", "8", "--out", str(tmp_path / "faid"), "--checkpoint",
+                 "--k", "3", "--max-images", "4", "--noise-draws", "2", "--out", str(tmp_path / "faid"), "--checkpoint",
                  str(tmp_path / "faid_ckpt"), "--epochs", "1", "--global-batch", "4", "--micro-batch", "2",
                  "--lora-rank", "2", "--lora-alpha", "4", "--device", "cpu"]) == 0
     metrics = json.loads((tmp_path / "faid" / "metrics.json").read_text())
-    assert metrics["images"] == 8 and metrics["optimizer_steps"] == 2 and 0 < metrics["masked_fraction"] <= 1
+    assert metrics["images"] == 4 and metrics["examples"] == 8 and metrics["optimizer_steps"] == 2
+    assert 0 < metrics["masked_fraction"] <= 1
     pngs, index = {}, str(world / "index_o" / "index.tokens")
     for method, variant, extra in (("showo", "default", []), ("showo_daid", "lam1.0_tau1.0", ["--index", index]),
                                    ("showo_faid", "default", ["--index", index, "--weights", str(tmp_path / "faid")])):

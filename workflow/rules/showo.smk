@@ -74,6 +74,7 @@ rule finetune_showo_faid:
         m=SHOWO["faid"]["m"],
         k=SHOWO["faid"]["k"],
         images=SHOWO["faid"]["max_images"],
+        draws=SHOWO["faid"]["noise_draws"],
         dropout=SHOWO["faid"]["caption_dropout"],
         tuning=finetune_arguments(SHOWO["faid"]["finetune"]),
         device=config["device"],
@@ -86,6 +87,6 @@ rule finetune_showo_faid:
     shell:
         "OMP_NUM_THREADS={threads} python -m arrag.cli finetune-showo-faid --backbone {input.backbone:q}"
         " --images {input.images:q} --index {input.index:q} --hops {params.hops} --num-blenders {params.m}"
-        " --k {params.k} --max-images {params.images} --caption-dropout {params.dropout} --out {output:q}"
+        " --k {params.k} --max-images {params.images} --noise-draws {params.draws} --caption-dropout {params.dropout} --out {output:q}"
         " --checkpoint {params.checkpoint:q} --device {params.device} {params.tuning:q} --seed {params.seed}"
         " > {log:q} 2>&1"
