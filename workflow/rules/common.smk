@@ -41,6 +41,9 @@ INDEX_SHARDS = list(range(config["index"]["shards"]))
 # work (imports, the decode loop's per-step dispatch of a tiny model, PIL resizing), so two one-thread jobs side by
 # side finish sooner than the same jobs one after the other with two threads each; training jobs keep two.
 EVAL_THREADS = 1 if SHAPES else 2
+# Models, index and fine-tunes (the long chains) start before generation and metric jobs that are ready, so that
+# no method's chain is left to finish alone at the end of the run while the other core idles.
+CHAIN_PRIORITY = 10
 FINETUNE_GPUS = 0 if SHAPES else config["finetune_gpus"]
 # The fine-tuning CLI, under torchrun (one process per GPU, gradients summed) when a job has several GPUs.
 FINETUNE_LAUNCH = (["python", "-m", "arrag.cli"] if FINETUNE_GPUS <= 1

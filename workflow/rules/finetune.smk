@@ -17,6 +17,7 @@ rule precompute_retrievals:
         revision=config["backbone"]["revision"] or "",
     resources:
         gpu=0 if SHAPES else 1,
+    priority: CHAIN_PRIORITY
     conda:
         MAIN_ENV
     log:
@@ -51,6 +52,7 @@ rule finetune_faid:
     threads: 2
     resources:
         gpu=FINETUNE_GPUS,
+    priority: CHAIN_PRIORITY
     conda:
         MAIN_ENV
     log:
@@ -105,6 +107,7 @@ rule finetune_racm3:
     threads: 2
     resources:
         gpu=FINETUNE_GPUS,
+    priority: CHAIN_PRIORITY
     conda:
         MAIN_ENV
     log:

@@ -51,6 +51,7 @@ rule encode_patches:
         revision=VQ_REVISION,
     resources:
         gpu=0 if SHAPES else 1,
+    priority: CHAIN_PRIORITY
     conda:
         MAIN_ENV
     log:

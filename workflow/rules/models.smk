@@ -17,6 +17,7 @@ rule train_shapes_vq:
         codebook_size=config["shapes_models"]["vq"]["codebook_size"],
         seed=config["seed"],
     threads: 2
+    priority: CHAIN_PRIORITY
     conda:
         MAIN_ENV
     log:
@@ -47,6 +48,7 @@ rule train_shapes_lm:
         dropout=config["shapes_models"]["lm"]["caption_dropout"],
         seed=config["seed"],
     threads: 2
+    priority: CHAIN_PRIORITY
     conda:
         MAIN_ENV
     log:
@@ -74,6 +76,7 @@ rule train_shapes_clip:
         lr=config["shapes_models"]["clip"]["lr"],
         seed=config["seed"],
     threads: 2
+    priority: CHAIN_PRIORITY
     conda:
         MAIN_ENV
     log:

@@ -25,6 +25,7 @@ rule train_shapes_showo:
         steps=SHOWO["sampling"]["steps"],
         seed=config["seed"],
     threads: 2
+    priority: CHAIN_PRIORITY
     conda:
         MAIN_ENV
     log:
@@ -48,6 +49,7 @@ rule showo_index:
         nprobe=config["index"]["nprobe"],
         seed=config["seed"],
     threads: 1
+    priority: CHAIN_PRIORITY
     conda:
         MAIN_ENV
     log:
@@ -80,6 +82,7 @@ rule finetune_showo_faid:
         device=config["device"],
         seed=config["seed"],
     threads: 2
+    priority: CHAIN_PRIORITY
     conda:
         MAIN_ENV
     log:
