@@ -35,7 +35,7 @@ import torch
 
 from arrag.models.vq import codebook_vectors
 from arrag.patchdb.encode import encode_images, load_vq
-from arrag.patchdb.fingerprint import Fingerprint
+from arrag.patchdb.fingerprint import Fingerprint, codebook_sha256
 from arrag.patchdb.index import PatchIndex, nearest_distinct, set_nprobe
 from arrag.patchdb.neighbourhood import KeySpec, codebook_keys, grid_queries, latent_keys, neighbours
 from arrag.patchdb.sources import read_sources
@@ -289,7 +289,7 @@ def main() -> None:
     parser.add_argument("--nprobe", type=int, default=32, help="ivfpq nprobe of the throughput numbers")
     parser.add_argument("--nprobes", type=int, nargs="+", default=[1, 4, 16, 64, 256])
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "patch_index_bench",
-                        help="encoded splits are cached here")
+                        help="encoded splits are cached here, per VQ codebook")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
@@ -297,8 +297,10 @@ def main() -> None:
     args.cache.mkdir(parents=True, exist_ok=True)
     vq = load_vq(args.vq)
     codebook = codebook_vectors(vq, normalized=True).detach().float()
-    tokens, latents = encoded(vq, args.database, args.cache / "database.npz")
-    held_tokens, _ = encoded(vq, args.heldout, args.cache / "heldout.npz")
+    cache = args.cache / codebook_sha256(codebook)[:16]  # encodings of another VQ are never reused
+    cache.mkdir(parents=True, exist_ok=True)
+    tokens, latents = encoded(vq, args.database, cache / "database.npz")
+    held_tokens, _ = encoded(vq, args.heldout, cache / "heldout.npz")
     spec = KeySpec("L", "1")
     rng = np.random.default_rng(args.seed)
     all_queries, _ = grid_queries(torch.from_numpy(held_tokens.astype(np.int64)), codebook, spec)
