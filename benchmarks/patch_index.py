@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -168,8 +169,15 @@ def distinct_recall(tokens: torch.Tensor, table: list[dict], kth: np.ndarray) ->
     return float(np.sum(hits) / tokens.numel())
 
 
+def steady_seconds(function, *args, repeats: int = 3) -> float:
+    """Median wall time of `function(*args)` over `repeats` calls after one untimed warm-up call (first-touch page
+    faults and thread-pool start-up are not throughput)."""
+    function(*args)
+    return statistics.median(timed(function, *args)[1] for _ in range(repeats))
+
+
 def throughput(index, queries: torch.Tensor, k: int, unique: bool, single: int) -> dict:
-    _, batch_seconds = timed(index.search, queries, k, unique)
+    batch_seconds = steady_seconds(index.search, queries, k, unique)
     started = time.perf_counter()
     for q in queries[:single]:
         index.search(q[None], k, unique)
@@ -202,9 +210,9 @@ def bench_size(size, grids, latents, codebook, spec, queries, args) -> list[dict
     curve, curve_daid, speed = {}, {}, {}
     for nprobe in args.token_nprobes:
         store.set_nprobe(nprobe)
-        (_, _, found), seconds = timed(store.search, queries, 10)
+        _, _, found = store.search(queries, 10)
         curve[nprobe] = recall(exact_patch_distances(keys, queries.numpy(), found), kth10)
-        speed[nprobe] = round(len(queries) / seconds, 1)
+        speed[nprobe] = round(len(queries) / steady_seconds(store.search, queries, 10), 1)
         curve_daid[nprobe] = distinct_recall(index.search(queries, k_daid, unique=True)[0], table, kth_daid)
     store.set_nprobe(args.token_nprobe)
     results.append({
