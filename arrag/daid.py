@@ -65,8 +65,9 @@ class DAiDHook:
     With `overlap` the search of step t starts in a worker thread when the loop announces the step
     (`prefetch`), so it runs while the model computes step t's forward; the result is the same either way.
     That pays when the forward leaves the interpreter free, as a GPU forward does while the host waits for
-    it; on CPU both threads need the GIL for their many small operations and overlapping measured slower
-    (`benchmarks/decode_overhead.py`: +37 % vs +30 % at Shapes scale), so the CLI overlaps on CUDA only.
+    it; on CPU both threads need the GIL for their many small operations: `benchmarks/decode_overhead.py` at
+    Shapes scale, batch 1, measured +26 % (overlap) vs +28 % (serial) on a quiet machine and the overlap slower
+    on a loaded one, so the CLI overlaps on CUDA only.
     `seconds` accumulates the time spent retrieving (in whichever thread), for the generation record."""
 
     def __init__(self, index: PatchIndex, settings: DAiDSettings, overlap: bool = False):
