@@ -48,7 +48,7 @@ from tqdm import tqdm
 from arrag.shapes.dataset import read_annotations
 from arrag.shapes.vocab import CLASSES
 from arrag.shapes.vocab import COLORS as WORLD_COLORS
-from arrag.training.loop import LossLog, load_checkpoint, save_checkpoint, step_generator
+from arrag.training.loop import resume, save_training, step_generator
 from arrag.training.vq import read_images
 from evaluators.geneval import COLOR_TEMPLATES, COLORS, color_crop, load_clip_classifier
 from evaluators.io import write_json_atomic
@@ -206,14 +206,7 @@ def train_clip(split_dir: str | Path, out_dir: str | Path, checkpoint: str | Pat
     negative_tokens = tokenizer(absent_color_captions())  # [K, context_length]
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.98), eps=1e-6)
-    log, start, seconds = LossLog(), 0, 0.0
-    state = load_checkpoint(checkpoint)
-    if state is not None:
-        if state["config"] != asdict(config):
-            raise ValueError(f"checkpoint {checkpoint} was written with another config; delete it to start over")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        log, start, seconds = LossLog(state["log"]), state["step"], state["seconds"]
+    log, start, seconds, _ = resume(checkpoint, config, model, optimizer)
     model.train()
     n_crops = round(config.batch_size * config.crop_fraction)
     started = time.perf_counter() - seconds
@@ -242,9 +235,7 @@ def train_clip(split_dir: str | Path, out_dir: str | Path, checkpoint: str | Pat
         log.add(step, loss=loss.item(), logit_scale=model.logit_scale.exp().item())
         progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-            save_checkpoint(checkpoint, {"config": asdict(config), "model": model.state_dict(),
-                                         "optimizer": optimizer.state_dict(), "log": log.rows, "step": step + 1,
-                                         "seconds": time.perf_counter() - started})
+            save_training(checkpoint, config, model, optimizer, log, step + 1, time.perf_counter() - started)
     seconds = time.perf_counter() - started
     out_dir = Path(out_dir)
     save_clip(model.eval(), config, out_dir)

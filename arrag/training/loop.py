@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -64,6 +65,29 @@ def load_checkpoint(path: str | Path) -> dict | None:
     if not path.is_file():
         return None
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def resume(checkpoint: str | Path, config, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+           ) -> tuple[LossLog, int, float, dict]:
+    """Restore `model` and `optimizer` from a `save_training` checkpoint -> (loss log, next step, seconds spent,
+    the whole state for a loop's own entries); (empty log, 0, 0.0, {}) when there is none. A checkpoint written
+    with another config (a dataclass) is an error."""
+    state = load_checkpoint(checkpoint)
+    if state is None:
+        return LossLog(), 0, 0.0, {}
+    if state["config"] != asdict(config):
+        raise ValueError(f"checkpoint {checkpoint} was written with another config; delete it to start over")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return LossLog(state["log"]), state["step"], state["seconds"], state
+
+
+def save_training(checkpoint: str | Path, config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  log: LossLog, step: int, seconds: float, **extra) -> None:
+    """Everything the next step depends on (see `resume`), plus a loop's own `extra` entries."""
+    save_checkpoint(checkpoint, {"config": asdict(config), "model": model.state_dict(),
+                                 "optimizer": optimizer.state_dict(), "log": log.rows, "step": step,
+                                 "seconds": seconds, **extra})
 
 
 class LossLog:

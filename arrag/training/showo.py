@@ -65,15 +65,7 @@ from arrag.models.showo import (
 from arrag.models.vq import decode_tokens
 from arrag.shapes.dataset import read_annotations
 from arrag.training.lm import tokenize_images
-from arrag.training.loop import (
-    LossLog,
-    batch_indices,
-    load_checkpoint,
-    optimizer_step,
-    save_checkpoint,
-    step_generator,
-    warmup_cosine,
-)
+from arrag.training.loop import batch_indices, optimizer_step, resume, save_training, step_generator, warmup_cosine
 from arrag.training.vq import read_images
 from evaluators.io import write_json_atomic
 
@@ -168,14 +160,7 @@ def train_shapes_showo(vq_dir: str | Path, train_dir: str | Path, out_dir: str |
     mask_id = backbone.config.mask_token_id
     parameters = list(backbone.model.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    log, start, seconds = LossLog(), 0, 0.0
-    state = load_checkpoint(checkpoint)
-    if state is not None:
-        if state["config"] != asdict(config):
-            raise ValueError(f"checkpoint {checkpoint} was written with another config; delete it to start over")
-        backbone.model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        log, start, seconds = LossLog(state["log"]), state["step"], state["seconds"]
+    log, start, seconds, _ = resume(checkpoint, config, backbone.model, optimizer)
     backbone.model.train()
     started = time.perf_counter() - seconds
     progress = tqdm(range(start, config.steps), desc="train Show-o", unit="step", initial=start, total=config.steps,
@@ -192,9 +177,7 @@ def train_shapes_showo(vq_dir: str | Path, train_dir: str | Path, out_dir: str |
         log.add(step, loss=loss.item(), lr=learning_rate(config, step))
         progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-            save_checkpoint(checkpoint, {"config": asdict(config), "model": backbone.model.state_dict(),
-                                         "optimizer": optimizer.state_dict(), "log": log.rows, "step": step + 1,
-                                         "seconds": time.perf_counter() - started})
+            save_training(checkpoint, config, backbone.model, optimizer, log, step + 1, time.perf_counter() - started)
     seconds = time.perf_counter() - started
     backbone.model.eval()
 

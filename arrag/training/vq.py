@@ -22,7 +22,7 @@ from transformers import JanusVQVAE, JanusVQVAEConfig
 
 from arrag.models.vq import codebook_vectors, decode_tokens, encode_images, encode_latents, nearest_codes
 from arrag.shapes.dataset import read_annotations, save_png
-from arrag.training.loop import LossLog, batch_indices, load_checkpoint, save_checkpoint, step_generator
+from arrag.training.loop import batch_indices, resume, save_training, step_generator
 from evaluators.io import write_json_atomic
 
 
@@ -128,14 +128,8 @@ def train_vq(images_dir: str | Path, out_dir: str | Path, checkpoint: str | Path
     optimizer = torch.optim.Adam(vq.parameters(), lr=config.lr, betas=(0.5, 0.9))
     images = read_images(images_dir)
     usage = torch.zeros(config.codebook_size, dtype=torch.long)
-    log, start, seconds = LossLog(), 0, 0.0
-    state = load_checkpoint(checkpoint)
-    if state is not None:
-        if state["config"] != asdict(config):
-            raise ValueError(f"checkpoint {checkpoint} was written with another config; delete it to start over")
-        vq.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        usage, log, start, seconds = state["usage"], LossLog(state["log"]), state["step"], state["seconds"]
+    log, start, seconds, state = resume(checkpoint, config, vq, optimizer)
+    usage = state.get("usage", usage)
     vq.train()
     started = time.perf_counter() - seconds
     progress = tqdm(range(start, config.steps), desc="train VQ", unit="step", initial=start, total=config.steps,
@@ -155,9 +149,8 @@ def train_vq(images_dir: str | Path, out_dir: str | Path, checkpoint: str | Path
         log.add(step, **{k: v for k, v in logged.items() if k != "restarted"})
         progress.set_postfix(loss=f"{logged['loss']:.3f}", psnr=f"{logged['psnr']:.1f}", refresh=False)
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-            save_checkpoint(checkpoint, {"config": asdict(config), "model": vq.state_dict(),
-                                         "optimizer": optimizer.state_dict(), "usage": usage, "log": log.rows,
-                                         "step": step + 1, "seconds": time.perf_counter() - started})
+            save_training(checkpoint, config, vq, optimizer, log, step + 1, time.perf_counter() - started,
+                          usage=usage)
     seconds = time.perf_counter() - started
     vq.eval()
     out_dir = Path(out_dir)
