@@ -78,6 +78,7 @@ rule build_clip_index:
     threads: 2
     resources:
         gpu=0 if SHAPES else 1,
+    priority: CHAIN_PRIORITY
     conda:
         MAIN_ENV
     log:
