@@ -222,6 +222,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     record = generate_shard(backbone, args.benchmark, args.prompts, args.images, args.shard, args.shards, args.seed,
                             sampling, args.micro_batch, args.samples_per_prompt, args.ablation_subset, args.method,
                             args.variant, method_inputs, method_settings)
+    return _write_generation_record(args, record)
+
+
+def _write_generation_record(args: argparse.Namespace, record: dict) -> int:
     write_json_atomic(args.record, record)
     print(f"shard {args.shard}/{args.shards}: {record['images_generated']} generated, "
           f"{record['images_skipped']} already there, {record['generation_seconds']:.1f} s")
@@ -270,10 +274,7 @@ def _generate_showo(args: argparse.Namespace) -> int:
     record = generate_shard(backbone, args.benchmark, args.prompts, args.images, args.shard, args.shards, args.seed,
                             sampling, args.micro_batch, args.samples_per_prompt, args.ablation_subset, args.method,
                             args.variant, method_settings=method_settings, generate_images=generate_images)
-    write_json_atomic(args.record, record)
-    print(f"shard {args.shard}/{args.shards}: {record['images_generated']} generated, "
-          f"{record['images_skipped']} already there, {record['generation_seconds']:.1f} s")
-    return 0
+    return _write_generation_record(args, record)
 
 
 def cmd_select(args: argparse.Namespace) -> None:

@@ -74,6 +74,8 @@ class DAiDHook:
         self.index, self.settings, self.seconds = index, settings, 0.0
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="daid") if overlap else None
         self._pending: tuple[int, Future] | None = None
+        if overlap:  # the decode loop calls `prefetch` only when the hook has one: nothing to do per step otherwise
+            self.prefetch = self._prefetch
 
     def _retrieve(self, tokens: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         started = time.perf_counter()
@@ -81,9 +83,8 @@ class DAiDHook:
         self.seconds += time.perf_counter() - started
         return found
 
-    def prefetch(self, tokens: torch.Tensor, step: int) -> None:
-        if self._worker is not None:
-            self._pending = (step, self._worker.submit(self._retrieve, tokens, step))
+    def _prefetch(self, tokens: torch.Tensor, step: int) -> None:
+        self._pending = (step, self._worker.submit(self._retrieve, tokens, step))
 
     def __call__(self, probs: torch.Tensor, tokens: torch.Tensor, step: int) -> torch.Tensor:
         pending, self._pending = self._pending, None

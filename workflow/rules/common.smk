@@ -32,6 +32,7 @@ INDEX_SIDECARS = [f"{INDEX_FILE}.json", f"{INDEX_FILE}.values.npz"] + (
 )
 SHOWO_MODEL = f"{R}/models/showo"
 SHOWO_INDEX = f"{R}/index_showo/index.tokens"
+SHOWO_INDEX_SIDECARS = [f"{SHOWO_INDEX}.json", f"{SHOWO_INDEX}.values.npz"]
 LOGS = f"logs/{RUN}"
 SHAPES = config["scale"] == "shapes"
 CONFIG_HASH = config_hash(config)
@@ -158,7 +159,6 @@ def method_inputs(wildcards):
     inputs = {}
     if method in ("daid", "faid"):
         inputs["index"] = INDEX_FILE
-        inputs["index_sidecars"] = INDEX_SIDECARS
     if method == "faid":
         inputs["weights"] = [f"{R}/models/faid/{v}" for v in faid_weight_variants(variant)]
     if method in ("daid", "faid") and variant == "selected":
@@ -168,18 +168,21 @@ def method_inputs(wildcards):
         inputs["clip_index"] = f"{R}/racm3/clip_index"
     if method in ("showo_daid", "showo_faid"):
         inputs["index"] = SHOWO_INDEX
-        inputs["index_sidecars"] = [f"{SHOWO_INDEX}.json", f"{SHOWO_INDEX}.values.npz"]
     if method == "showo_faid":
         inputs["weights"] = f"{R}/models/showo_faid"
     return inputs
+
+
+def index_sidecars(wildcards):
+    """The files the CLI reads beside a method's --index (fingerprint, values, on-disk lists); none without one."""
+    index = method_inputs(wildcards).get("index")
+    return {INDEX_FILE: INDEX_SIDECARS, SHOWO_INDEX: SHOWO_INDEX_SIDECARS}.get(index, [])
 
 
 def method_arguments(wildcards, input):
     """`arrag generate` arguments for a method's inputs (a list; lists of files follow their option)."""
     arguments = []
     for key in method_inputs(wildcards):
-        if key == "index_sidecars":  # read by the CLI beside --index, not an option of their own
-            continue
         files = input[key]
         arguments += [f"--{key.replace('_', '-')}", *([files] if isinstance(files, str) else files)]
     if wildcards.method == "faid" and config["faid"]["blend_unconditional"]:

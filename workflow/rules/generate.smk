@@ -7,6 +7,7 @@ rule generate:
     input:
         unpack(lambda wc: {**method_inputs(wc), **benchmark_files()}),
         backbone=generation_backbone,
+        index_sidecars=index_sidecars,
     output:
         f"{R}/generated/{{bench}}/{{method}}/{{variant}}/shards/{{shard}}.json",
     params:

@@ -42,7 +42,7 @@ rule showo_index:
         expand(f"{R}/index/shards/{{shard}}.npz", shard=INDEX_SHARDS),
     output:
         index=SHOWO_INDEX,
-        sidecars=[f"{SHOWO_INDEX}.json", f"{SHOWO_INDEX}.values.npz"],
+        sidecars=SHOWO_INDEX_SIDECARS,
     params:
         hops=SHOWO["index"]["hops"],
         edge=SHOWO["index"]["edge_policy"],
@@ -67,7 +67,7 @@ rule finetune_showo_faid:
         backbone=SHOWO_MODEL,
         images=FINETUNE_IMAGES,
         index=SHOWO_INDEX,
-        sidecars=[f"{SHOWO_INDEX}.json", f"{SHOWO_INDEX}.values.npz"],
+        sidecars=SHOWO_INDEX_SIDECARS,
     output:
         directory(f"{R}/models/showo_faid"),
     params:
