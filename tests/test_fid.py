@@ -78,12 +78,25 @@ def test_frechet_distance_closed_forms():
     assert fid.frechet_distance(mu_a, s1, mu_a, s1) == pytest.approx(0.0, abs=1e-9)
 
 
+def test_low_rank_trace_matches_sqrtm():
+    # n1 * n2 <= D^2: the nuclear norm of B A^T stands in for Tr(sqrtm(S1 S2)); same number as clean-fid's sqrtm.
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(40, 64)).astype(np.float32) @ rng.normal(size=(64, 64)).astype(np.float32)
+    gen = (real[:30] + rng.normal(0, 0.5, (30, 64))).astype(np.float32) + 0.3
+    official = fid.frechet_distance(real.mean(0), np.cov(real, rowvar=False), gen.mean(0), np.cov(gen, rowvar=False))
+    assert official > 1
+    assert fid.fid_from_features(real, gen) == pytest.approx(official, rel=1e-6)
+    assert fid.fid_from_features(real, gen, sqrtm=True) == official
+    assert fid.fid_from_features(real, real) == pytest.approx(0.0, abs=1e-6)
+
+
 def test_matches_cleanfid_on_same_extractor(tmp_path, tiny_inception, capsys):
     cleanfid = pytest.importorskip("cleanfid.fid")
     write_images(tmp_path / "real", 10, seed=1)
     write_images(tmp_path / "gen", 9, seed=2, size=(48, 40))
     record = run_cli(["fid", str(tmp_path / "real"), str(tmp_path / "gen"), "--inception", str(tiny_inception),
-                      "--num-workers", "0", "--device", "cpu", "--batch-size", "4", "--no-cache", "--json"], capsys)
+                      "--num-workers", "0", "--device", "cpu", "--batch-size", "4", "--no-cache", "--sqrtm", "--json"],
+                     capsys)
     reference = cleanfid.compute_fid(
         str(tmp_path / "real"), str(tmp_path / "gen"), mode="clean",
         custom_feat_extractor=fid.load_inception(tiny_inception, CPU),
