@@ -48,13 +48,24 @@ def cmd_vq_reconstruct(args: argparse.Namespace) -> None:
     print(f"{count} reconstructions in {args.out}")
 
 
+def cmd_tokenize(args: argparse.Namespace) -> None:
+    from arrag.patchdb.encode import load_vq, vq_geometry
+    from arrag.split_tokens import write_split_tokens
+    from arrag.training.finetune import finetune_pairs
+
+    vq = load_vq(args.vq, args.revision or None).to(_device(args.device))
+    _, _, files = finetune_pairs(args.images)
+    summary = write_split_tokens(args.out, vq, files, args.size or vq_geometry(vq)[0])
+    print(json.dumps(summary))
+
+
 def cmd_train_lm(args: argparse.Namespace) -> None:
     from arrag.training.lm import LMTrainConfig, train_lm
 
     config = LMTrainConfig(hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads,
                            intermediate_size=args.intermediate_size, steps=args.steps, batch_size=args.batch_size,
                            lr=args.lr, caption_dropout=args.caption_dropout, seed=args.seed)
-    metrics = train_lm(args.images, args.vq, args.out, args.checkpoint, config)
+    metrics = train_lm(args.images, args.vq, args.out, args.checkpoint, config, args.tokens)
     print(f"final loss {metrics['final_loss_last50']:.3f} after {metrics['steps']} steps "
           f"({metrics['train_seconds']:.0f} s, {metrics['trainable_parameters']} trainable parameters)")
 
@@ -66,7 +77,8 @@ def cmd_train_showo(args: argparse.Namespace) -> None:
                               intermediate_size=args.intermediate_size, steps=args.steps, batch_size=args.batch_size,
                               lr=args.lr, caption_dropout=args.caption_dropout, seed=args.seed)
     metrics = train_shapes_showo(args.vq, args.images, args.out, config, args.checkpoint, heldout_dir=args.heldout,
-                                 sample_guidance=args.guidance_scale, sample_steps=args.maskgit_steps)
+                                 sample_guidance=args.guidance_scale, sample_steps=args.maskgit_steps,
+                                 tokens_file=args.tokens)
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict | list)}))
 
 
@@ -117,7 +129,7 @@ def cmd_finetune_racm3(args: argparse.Namespace) -> None:
 
     config = RACM3Config(top_n=args.top_n, caption_dropout=args.caption_dropout, finetune=_finetune_config(args))
     metrics = finetune_racm3(args.backbone, args.images, args.clip_index, args.out, args.checkpoint, config,
-                             _finetune_device(args.device), args.revision or None)
+                             _finetune_device(args.device), args.revision or None, args.tokens)
     _print_finetune(metrics)
     if "retrieval" in metrics:
         print(f"retrieval top-1 shows the caption's objects: {metrics['retrieval']['top1_objects']:.3f} "
@@ -128,7 +140,7 @@ def cmd_precompute_retrievals(args: argparse.Namespace) -> None:
     from arrag.faid.train import precompute_retrievals
 
     summary = precompute_retrievals(args.index, args.backbone, args.images, args.k, args.shard, args.shards, args.out,
-                                    _device(args.device), args.revision or None)
+                                    _device(args.device), args.revision or None, tokens_file=args.tokens)
     print(json.dumps(summary))
 
 
@@ -151,7 +163,7 @@ def cmd_finetune_showo_faid(args: argparse.Namespace) -> None:
     settings = FAiDSettings(hops=args.hops, m=args.num_blenders, k=args.k, init=args.init)
     metrics = finetune_masked_faid(args.backbone, args.images, args.index, args.out, args.checkpoint, settings,
                                    _finetune_config(args), args.caption_dropout, args.max_images, args.noise_draws,
-                                   _finetune_device(args.device))
+                                   _finetune_device(args.device), args.tokens)
     _print_finetune(metrics)
     print(f"blenders on layers {metrics['layers']}: {metrics['blender_parameters']} parameters")
 
@@ -457,8 +469,22 @@ def _add_vq_reconstruct(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, help="first N images only")
 
 
+def _tokens_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokens", type=Path, help="VQ tokens of the images (`arrag tokenize`; default: encode here)")
+
+
+def _add_tokenize(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", required=True, type=Path, help="split folder (images + annotations.jsonl)")
+    parser.add_argument("--vq", required=True, help="JanusVQVAE or Janus backbone: hub id or local folder")
+    parser.add_argument("--revision", default="", help="pinned hub revision (empty: none)")
+    parser.add_argument("--size", type=int, help="side the images are squared to (default: the VQ's image size)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--out", required=True, type=Path, help=".npz file to write")
+
+
 def _add_train_lm(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", required=True, type=Path, help="train split folder (images + annotations)")
+    _tokens_option(parser)
     parser.add_argument("--vq", required=True, type=Path, help="trained Shapes VQ folder")
     parser.add_argument("--out", required=True, type=Path, help="backbone folder to write (save_pretrained)")
     parser.add_argument("--checkpoint", required=True, type=Path, help="resumable checkpoint file (kept on failure)")
@@ -509,6 +535,7 @@ def _finetune_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", required=True, help="hub id or local folder of the backbone")
     parser.add_argument("--revision", default="", help="pinned hub revision (empty: none)")
     parser.add_argument("--images", required=True, type=Path, help="fine-tuning split (images + annotations.jsonl)")
+    _tokens_option(parser)
     parser.add_argument("--out", required=True, type=Path, help="weights folder to write")
     parser.add_argument("--checkpoint", required=True, type=Path, help="resumable checkpoint folder")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -536,6 +563,7 @@ def _add_precompute_retrievals(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", required=True, help="hub id or local folder of the backbone (its VQ)")
     parser.add_argument("--revision", default="", help="pinned hub revision (empty: none)")
     parser.add_argument("--images", required=True, type=Path, help="fine-tuning split (images + annotations.jsonl)")
+    _tokens_option(parser)
     parser.add_argument("--k", type=int, default=10, help="retrieved patches per position (paper: 10)")
     parser.add_argument("--shard", type=int, default=0)
     parser.add_argument("--shards", type=int, default=1)
@@ -734,6 +762,8 @@ COMMANDS = {
                  "Shapes VQ training (Backbones issue)", _add_train_vq),
     "vq-reconstruct": (cmd_vq_reconstruct, "decode(encode(x)) of a split's images, for evaluator checks",
                        "VQ reconstructions (Backbones issue)", _add_vq_reconstruct),
+    "tokenize": (cmd_tokenize, "VQ tokens of a split's images, once for every job that trains on them",
+                 "split tokens (Backbones issue)", _add_tokenize),
     "train-lm": (cmd_train_lm, "train the Shapes Janus language model over the Shapes VQ",
                  "Shapes backbone training (Backbones issue)", _add_train_lm),
     "train-clip": (cmd_train_clip, "train the Shapes CLIP (a small open_clip model)", "Shapes CLIP (RA-CM3 issue)",

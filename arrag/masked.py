@@ -54,7 +54,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from arrag.daid import DAiDSettings, merge_distributions
 from arrag.faid.augment import FAiD, FAiDSettings
@@ -68,13 +67,14 @@ from arrag.models.showo import (
     t2i_input_ids,
     text_ids,
 )
+from arrag.patchdb.encode import vq_geometry
 from arrag.patchdb.index import PatchIndex
 from arrag.patchdb.neighbourhood import MISSING
+from arrag.split_tokens import image_tokens
 from arrag.training.finetune import (
     ADAPTER_FILE,
     FinetuneConfig,
     distributed_rank,
-    encode_files,
     finetune,
     finetune_pairs,
     load_finetuned,
@@ -341,13 +341,14 @@ SETTINGS_FILE = "faid.json"
 def finetune_masked_faid(showo_dir: str | Path, train_dir: str | Path, index_path: str | Path, out_dir: str | Path,
                          checkpoint_dir: str | Path, settings: FAiDSettings, config: FinetuneConfig,
                          caption_dropout: float = 0.1, images: int = 0, noise_draws: int = 1,
-                         device: str = "cpu") -> dict:
+                         device: str = "cpu", tokens_file: str | Path | None = None) -> dict:
     """Fine-tune FAiD on a Shapes-world Show-o (its folder holds the VQ it was trained with, `vq/`): the first
     `images` training images (0: all), each noised `noise_draws` times as Show-o's training does (the paper
     retrieves for the noised states of several time steps of each instance: every draw is a training row), with
     the top-k retrievals of its masked positions from the O index at `index_path` (`noised_retrievals`, seeded
-    by config.seed); then the loop shared with the autoregressive FAiD. Writes `out_dir` (adapter, faid.json,
-    metrics.json); returns the metrics."""
+    by config.seed); then the loop shared with the autoregressive FAiD. The images' tokens come from
+    `tokens_file` when given, else are encoded here. Writes `out_dir` (adapter, faid.json, metrics.json);
+    returns the metrics."""
     from arrag.daid import load_index_for
 
     backbone = load_showo(str(showo_dir), device=device)
@@ -355,8 +356,7 @@ def finetune_masked_faid(showo_dir: str | Path, train_dir: str | Path, index_pat
     records, captions, files = finetune_pairs(train_dir)
     if images:
         records, captions, files = records[:images], captions[:images], files[:images]
-    with Image.open(files[0]) as first:
-        tokens = encode_files(vq, files, first.size[0])  # the split's image size, which the VQ was trained at
+    tokens = image_tokens(vq, files, vq_geometry(vq)[0], tokens_file)
     index = load_index_for(vq, index_path)
     check_masked_index(index, backbone.grid_size, backbone.config.codebook_size)
     tokens = tokens.repeat(noise_draws, 1)  # row d * n + i: draw d of image i

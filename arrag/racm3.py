@@ -97,17 +97,18 @@ def racm3_loss(backbone: JanusBackbone, batch: dict[str, torch.Tensor], generato
 
 def finetune_racm3(backbone_source: str, train_dir: str | Path, clip_index_dir: str | Path, out_dir: str | Path,
                    checkpoint_dir: str | Path, config: RACM3Config, device: str = "cpu",
-                   revision: str | None = None) -> dict:
-    """Fine-tune the backbone for RA-CM3 on a split folder (images/<id>.png + annotations.jsonl with captions)
-    and write `out_dir`: the fine-tuning outputs, racm3.json (top_n, CLIP index), retrievals.jsonl (per training
-    example: retrieved database ids and scores) and metrics.json (with the Shapes retrieval accuracy)."""
+                   revision: str | None = None, tokens_file: str | Path | None = None) -> dict:
+    """Fine-tune the backbone for RA-CM3 on a split folder (images/<id>.png + annotations.jsonl with captions;
+    their tokens from `tokens_file` when given, else encoded here) and write `out_dir`: the fine-tuning outputs,
+    racm3.json (top_n, CLIP index), retrievals.jsonl (per training example: retrieved database ids and scores)
+    and metrics.json (with the Shapes retrieval accuracy)."""
     backbone = load_backbone(backbone_source, revision=revision, device=device)
     records, captions, files = finetune_pairs(train_dir)
     index = ClipIndex(clip_index_dir, device=device)
     retriever = PrefixRetriever(index, backbone, config.top_n)
     scores, rows = retriever.retrieve(captions, exclude=[{pixels_sha256(f)} for f in files])
     ids, mask = tokenize_prompts(backbone, captions)
-    examples = {"input_ids": ids, "attention_mask": mask, "image_tokens": vq_tokens(backbone, files),
+    examples = {"input_ids": ids, "attention_mask": mask, "image_tokens": vq_tokens(backbone, files, tokens_file),
                 "prefix_image_tokens": retriever.tokens(rows)}
     loss_fn = partial(racm3_loss, caption_dropout=config.caption_dropout)
     metrics = finetune(backbone, examples, loss_fn, config.finetune, out_dir, checkpoint_dir,

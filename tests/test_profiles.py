@@ -14,8 +14,8 @@ REPO = Path(__file__).resolve().parent.parent
 SLURM = REPO / "profiles" / "slurm" / "config.yaml"
 DEFAULT = REPO / "profiles" / "default" / "config.yaml"
 # Rules that run on a GPU at paper scale; every other rule must not request one.
-GPU_RULES = {"encode_patches", "retrieval_analysis", "precompute_retrievals", "finetune_faid", "build_clip_index",
-             "finetune_racm3", "generate", "image_metric", "geneval_score", "dpg_score"}
+GPU_RULES = {"encode_patches", "tokenize_split", "retrieval_analysis", "precompute_retrievals", "finetune_faid",
+             "build_clip_index", "finetune_racm3", "generate", "image_metric", "geneval_score", "dpg_score"}
 FINETUNE_RULES = {"finetune_faid", "finetune_racm3"}
 # conda is not installable on these machines; the SLURM profile deploys software with conda, which Snakemake
 # checks even in a dry run. This stand-in answers the three questions it asks (version, info, channel priority).

@@ -51,9 +51,10 @@ SETTINGS_FILE = "faid.json"
 # ---------------------------------------------------------------------------------------------- retrievals
 def precompute_retrievals(index_path: str | Path, backbone_source: str, train_dir: str | Path, k: int, shard: int,
                           shards: int, out: str | Path, device: str = "cpu", revision: str | None = None,
-                          batch_images: int = 64) -> dict:
+                          batch_images: int = 64, tokens_file: str | Path | None = None) -> dict:
     """Write `out` (.npz): ids [n] (str), tokens [n, N] int32, retrieved [n, N, k] int32 (-1: none), distances
-    [n, N, k] float32 for images shard, shard + shards, ... of the split; returns a summary."""
+    [n, N, k] float32 for images shard, shard + shards, ... of the split (their tokens from `tokens_file` when
+    given, else encoded here); returns a summary."""
     if not 0 <= shard < shards:
         raise ValueError(f"shard {shard} is not in 0..{shards - 1}")
     backbone = load_backbone(backbone_source, revision=revision, device=device)
@@ -61,7 +62,8 @@ def precompute_retrievals(index_path: str | Path, backbone_source: str, train_di
     records, _, files = finetune_pairs(train_dir)
     rows = list(range(shard, len(records), shards))
     grid = backbone.grid_size
-    tokens = vq_tokens(backbone, [files[r] for r in rows]) if rows else torch.zeros(0, grid * grid, dtype=torch.long)
+    tokens = (vq_tokens(backbone, [files[r] for r in rows], tokens_file) if rows
+              else torch.zeros(0, grid * grid, dtype=torch.long))
     retrieved = torch.full((len(rows), grid * grid, k), -1, dtype=torch.int32)
     distances = torch.full((len(rows), grid * grid, k), float("inf"))
     for start in tqdm(range(0, len(rows), batch_images), desc=f"retrieve shard {shard}/{shards}", mininterval=5):

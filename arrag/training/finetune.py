@@ -47,22 +47,19 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
-from PIL import Image
 from safetensors.torch import load_file, save
 from torch import nn
 from tqdm import tqdm
 
 from arrag.clip import image_root
 from arrag.models.janus import JanusBackbone
-from arrag.models.vq import encode_images
 from arrag.shapes.dataset import read_annotations
+from arrag.split_tokens import image_tokens
 from arrag.training.loop import LossLog, batch_indices, load_checkpoint, save_checkpoint, step_generator
-from arrag.training.vq import to_model_input
-from evaluators.io import load_rgb, write_bytes_atomic, write_json_atomic
+from evaluators.io import write_bytes_atomic, write_json_atomic
 
 LossFunction = Callable[[JanusBackbone, dict[str, torch.Tensor], torch.Generator], torch.Tensor]
 ADAPTER_FILE = "adapter.safetensors"
@@ -88,33 +85,10 @@ class FinetuneConfig:
     seed: int = 0
 
 
-def load_square(path: str | Path, size: int) -> np.ndarray:
-    """An image as uint8 [size, size, 3]: centre square crop, then bicubic resize when the side differs."""
-    image = load_rgb(path)
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    image = image.crop((left, top, left + side, top + side))
-    if side != size:
-        image = image.resize((size, size), Image.BICUBIC)
-    return np.asarray(image)
-
-
-def vq_tokens(backbone: JanusBackbone, files: list[Path], batch_size: int = 64) -> torch.Tensor:
-    """Image files -> their tokens [n, N] under the backbone's VQ (raster order, on the CPU)."""
-    return encode_files(backbone.vq, files, backbone.model.config.vision_config.image_size, batch_size)
-
-
-@torch.no_grad()
-def encode_files(vq: nn.Module, files: list[Path], size: int, batch_size: int = 64) -> torch.Tensor:
-    """Image files -> their tokens [n, N] under a Janus VQ (squared to `size` pixels, raster order, on the CPU),
-    read and encoded in batches on the VQ's device."""
-    device = next(vq.parameters()).device
-    chunks = []
-    for start in tqdm(range(0, len(files), batch_size), desc="VQ-tokenise images", mininterval=5,
-                      disable=len(files) <= batch_size):
-        images = torch.from_numpy(np.stack([load_square(f, size) for f in files[start:start + batch_size]]))
-        chunks.append(encode_images(vq, to_model_input(images).to(device)).flatten(1).cpu())
-    return torch.cat(chunks)
+def vq_tokens(backbone: JanusBackbone, files: list[Path], tokens_file: str | Path | None = None) -> torch.Tensor:
+    """Image files -> their tokens [n, N] under the backbone's VQ (raster order, on the CPU): rows of
+    `tokens_file` (`arrag tokenize`) when given, else encoded now."""
+    return image_tokens(backbone.vq, files, backbone.model.config.vision_config.image_size, tokens_file)
 
 
 def finetune_pairs(train_dir: str | Path) -> tuple[list[dict], list[str], list[Path]]:

@@ -21,6 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import JanusVQVAE
 
+from arrag import split_tokens
 from arrag.models.janus import (
     JanusBackbone,
     SamplingConfig,
@@ -31,10 +32,10 @@ from arrag.models.janus import (
     tokenize_prompts,
     unconditional_ids,
 )
-from arrag.models.vq import decode_tokens, encode_images
-from arrag.shapes.dataset import read_annotations
+from arrag.models.vq import decode_tokens
+from arrag.patchdb.encode import vq_geometry
+from arrag.training.finetune import finetune_pairs
 from arrag.training.loop import batch_indices, optimizer_step, resume, save_training, step_generator, warmup_cosine
-from arrag.training.vq import read_images, to_model_input
 from evaluators.io import write_json_atomic
 
 
@@ -57,14 +58,6 @@ class LMTrainConfig:
 def learning_rate(config: LMTrainConfig, step: int) -> float:
     """Linear warm-up, then cosine decay to a tenth of the peak."""
     return warmup_cosine(config.lr, config.warmup_steps, config.steps, step)
-
-
-@torch.no_grad()
-def tokenize_images(vq: JanusVQVAE, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """uint8 images [N, H, W, 3] -> image tokens [N, h * w] in raster order."""
-    chunks = [encode_images(vq, to_model_input(images[i:i + batch_size])).flatten(1)
-              for i in tqdm(range(0, len(images), batch_size), desc="tokenize images", mininterval=5)]
-    return torch.cat(chunks)
 
 
 def build_backbone(captions: list[str], vq: JanusVQVAE, config: LMTrainConfig) -> JanusBackbone:
@@ -96,13 +89,14 @@ def trainable_parameters(backbone: JanusBackbone) -> list[torch.nn.Parameter]:
 
 
 def train_lm(train_dir: str | Path, vq_dir: str | Path, out_dir: str | Path, checkpoint: str | Path,
-             config: LMTrainConfig) -> dict:
+             config: LMTrainConfig, tokens_file: str | Path | None = None) -> dict:
     """Train and save the backbone into `out_dir` (with loss.csv, loss.png, metrics.json, samples.png).
+    The images' tokens come from `tokens_file` (`arrag tokenize`) when given, else are encoded here.
     Resumes from `checkpoint` if present; the result is the same as an uninterrupted run."""
     torch.manual_seed(config.seed)
     vq = JanusVQVAE.from_pretrained(vq_dir).eval()
-    captions = [record["caption"] for record in read_annotations(train_dir)]
-    image_tokens = tokenize_images(vq, read_images(train_dir))
+    _, captions, files = finetune_pairs(train_dir)
+    image_tokens = split_tokens.image_tokens(vq, files, vq_geometry(vq)[0], tokens_file)
     backbone = build_backbone(captions, vq, config)
     input_ids, attention_mask = tokenize_prompts(backbone, captions)
     parameters = trainable_parameters(backbone)

@@ -53,6 +53,7 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import JanusVQVAE
 
+from arrag import split_tokens
 from arrag.models.janus import derive_seed
 from arrag.models.showo import (
     MaskGitSampling,
@@ -63,10 +64,9 @@ from arrag.models.showo import (
     mask_ratio,
 )
 from arrag.models.vq import decode_tokens
-from arrag.shapes.dataset import read_annotations
-from arrag.training.lm import tokenize_images
+from arrag.patchdb.encode import vq_geometry
+from arrag.training.finetune import finetune_pairs
 from arrag.training.loop import batch_indices, optimizer_step, resume, save_training, step_generator, warmup_cosine
-from arrag.training.vq import read_images
 from evaluators.io import write_json_atomic
 
 VQ_SUBDIR = "vq"  # out_dir/vq: the copy of the VQ the backbone was trained with
@@ -147,15 +147,16 @@ def build_backbone(captions: list[str], vq: JanusVQVAE, config: ShowoTrainConfig
 
 def train_shapes_showo(vq_dir: str | Path, train_dir: str | Path, out_dir: str | Path, config: ShowoTrainConfig,
                        checkpoint: str | Path, heldout_dir: str | Path | None = None, sample_guidance: float = 3.0,
-                       sample_steps: int = 12) -> dict:
+                       sample_steps: int = 12, tokens_file: str | Path | None = None) -> dict:
     """Train on the train split encoded by the VQ in `vq_dir` and save into `out_dir` (layout in the module
     docstring). Resumes from `checkpoint` if present; the result is the same as an uninterrupted run.
     `heldout_dir` (optional) gives the held-out masked-token CE and the sample captions; `sample_guidance` and
-    `sample_steps` set the decoding of sample_grid.png. Returns the metrics."""
+    `sample_steps` set the decoding of sample_grid.png; the training images' tokens come from `tokens_file`
+    (`arrag tokenize`) when given, else are encoded here. Returns the metrics."""
     torch.manual_seed(config.seed)
     vq = JanusVQVAE.from_pretrained(vq_dir).eval()
-    captions = [record["caption"] for record in read_annotations(train_dir)]
-    image_tokens = tokenize_images(vq, read_images(train_dir))  # [M, N]
+    _, captions, files = finetune_pairs(train_dir)
+    image_tokens = split_tokens.image_tokens(vq, files, vq_geometry(vq)[0], tokens_file)  # [M, N]
     backbone = build_backbone(captions, vq, config)
     mask_id = backbone.config.mask_token_id
     parameters = list(backbone.model.parameters())
@@ -193,8 +194,9 @@ def train_shapes_showo(vq_dir: str | Path, train_dir: str | Path, out_dir: str |
                "train_masked_ce": evaluate_masked_ce(backbone, captions[:256], image_tokens[:256], config)}
     sample_captions = captions[:16]
     if heldout_dir is not None:
-        heldout = [record["caption"] for record in read_annotations(heldout_dir)][:256]
-        heldout_tokens = tokenize_images(vq, read_images(heldout_dir, limit=len(heldout)))
+        _, heldout, heldout_files = finetune_pairs(heldout_dir)
+        heldout, heldout_files = heldout[:256], heldout_files[:256]
+        heldout_tokens = split_tokens.image_tokens(vq, heldout_files, vq_geometry(vq)[0])
         metrics["heldout_masked_ce"] = evaluate_masked_ce(backbone, heldout, heldout_tokens, config)
         metrics["heldout_masked_ce_unconditional"] = evaluate_masked_ce(
             backbone, [""] * len(heldout), heldout_tokens, config)

@@ -69,6 +69,7 @@ if SHAPES:
     BACKBONE = f"{R}/models/backbone"
     DATABASE_IMAGES = f"{R}/shapes/database"
     FINETUNE_IMAGES = f"{R}/shapes/train"
+    TOKENIZER = f"{R}/models/vq"  # the backbone's VQ: the same weights (the LM trains with it frozen)
 else:
     BENCHMARK_DIR = "resources/benchmarks"
     GENEVAL_METADATA = config["benchmarks"]["geneval"]["metadata"]
@@ -79,6 +80,9 @@ else:
     BACKBONE = "resources/models/backbone"
     DATABASE_IMAGES = "resources/datasets/database"
     FINETUNE_IMAGES = "resources/datasets/finetune"
+    TOKENIZER = BACKBONE
+# VQ tokens of the training / fine-tuning images (Shapes: the train split is both), read by every job training on them.
+SPLIT_TOKENS = f"{R}/tokens/finetune.npz"
 
 
 def benchmark_files(wildcards=None):

@@ -8,6 +8,7 @@ rule precompute_retrievals:
         index_sidecars=INDEX_SIDECARS,
         backbone=BACKBONE,
         images=FINETUNE_IMAGES,
+        tokens=SPLIT_TOKENS,
     output:
         f"{R}/faid/retrievals/{{shard}}.npz",
     params:
@@ -24,7 +25,8 @@ rule precompute_retrievals:
         f"{LOGS}/precompute_retrievals/{{shard}}.log",
     shell:
         "OMP_NUM_THREADS={threads} python -m arrag.cli precompute-retrievals --index {input.index:q} --backbone {input.backbone:q}"
-        " --revision={params.revision:q} --images {input.images:q} --k {params.k} --shard {wildcards.shard} --shards {params.shards}"
+        " --revision={params.revision:q} --images {input.images:q} --tokens {input.tokens:q} --k {params.k}"
+        " --shard {wildcards.shard} --shards {params.shards}"
         " --device {params.device} --out {output:q} > {log:q} 2>&1"
 
 
@@ -93,6 +95,7 @@ rule finetune_racm3:
     input:
         backbone=BACKBONE,
         images=FINETUNE_IMAGES,
+        tokens=SPLIT_TOKENS,
         clip_index=f"{R}/racm3/clip_index",
     output:
         directory(f"{R}/models/racm3"),
@@ -115,6 +118,7 @@ rule finetune_racm3:
         f"{LOGS}/finetune_racm3.log",
     shell:
         "OMP_NUM_THREADS={threads} {params.launch:q} finetune-racm3 --backbone {input.backbone:q} --images {input.images:q}"
+        " --tokens {input.tokens:q}"
         " --clip-index {input.clip_index:q} --out {output:q} --checkpoint {params.checkpoint:q} --device {params.device}"
         " --revision={params.revision:q} --top-n {params.top_n} --caption-dropout {params.dropout} {params.tuning:q}"
         " --seed {params.seed} > {log:q} 2>&1"

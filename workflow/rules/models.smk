@@ -29,11 +29,35 @@ rule train_shapes_vq:
         " --seed {params.seed} > {log:q} 2>&1"
 
 
+rule tokenize_split:
+    """VQ tokens of the training / fine-tuning images, encoded once for the LM, Show-o, FAiD and RA-CM3 jobs."""
+    input:
+        images=FINETUNE_IMAGES,
+        vq=TOKENIZER,
+    output:
+        SPLIT_TOKENS,
+    params:
+        device=config["device"],
+        revision=config["backbone"]["revision"] or "",
+    threads: 2
+    resources:
+        gpu=0 if SHAPES else 1,
+    priority: CHAIN_PRIORITY
+    conda:
+        MAIN_ENV
+    log:
+        f"{LOGS}/tokenize_split.log",
+    shell:
+        "OMP_NUM_THREADS={threads} python -m arrag.cli tokenize --images {input.images:q} --vq {input.vq:q}"
+        " --revision={params.revision:q} --device {params.device} --out {output:q} > {log:q} 2>&1"
+
+
 rule train_shapes_lm:
     """A tiny JanusForConditionalGeneration trained on the train split's captions and VQ tokens."""
     input:
         images=f"{R}/shapes/train",
         vq=f"{R}/models/vq",
+        tokens=SPLIT_TOKENS,
     output:
         directory(f"{R}/models/backbone"),
     params:
@@ -54,7 +78,8 @@ rule train_shapes_lm:
     log:
         f"{LOGS}/train_shapes_lm.log",
     shell:
-        "OMP_NUM_THREADS={threads} python -m arrag.cli train-lm --images {input.images:q} --vq {input.vq:q} --out {output:q}"
+        "OMP_NUM_THREADS={threads} python -m arrag.cli train-lm --images {input.images:q} --tokens {input.tokens:q}"
+        " --vq {input.vq:q} --out {output:q}"
         " --checkpoint {params.checkpoint:q} --steps {params.steps} --batch-size {params.batch_size} --lr {params.lr}"
         " --hidden-size {params.hidden} --num-layers {params.layers} --num-heads {params.heads}"
         " --intermediate-size {params.ffn} --caption-dropout {params.dropout} --seed {params.seed} > {log:q} 2>&1"

@@ -16,6 +16,7 @@ rule train_shapes_showo:
         images=f"{R}/shapes/train",
         heldout=f"{R}/shapes/heldout",
         vq=f"{R}/models/vq",
+        tokens=SPLIT_TOKENS,
     output:
         directory(SHOWO_MODEL),
     params:
@@ -32,7 +33,7 @@ rule train_shapes_showo:
         f"{LOGS}/train_shapes_showo.log",
     shell:
         "OMP_NUM_THREADS={threads} python -m arrag.cli train-showo --images {input.images:q} --heldout {input.heldout:q}"
-        " --vq {input.vq:q} --out {output:q} --checkpoint {params.checkpoint:q} {params.train:q}"
+        " --vq {input.vq:q} --tokens {input.tokens:q} --out {output:q} --checkpoint {params.checkpoint:q} {params.train:q}"
         " --guidance-scale {params.guidance} --maskgit-steps {params.steps} --seed {params.seed} > {log:q} 2>&1"
 
 
@@ -68,6 +69,7 @@ rule finetune_showo_faid:
         images=FINETUNE_IMAGES,
         index=SHOWO_INDEX,
         sidecars=SHOWO_INDEX_SIDECARS,
+        tokens=SPLIT_TOKENS,
     output:
         directory(f"{R}/models/showo_faid"),
     params:
@@ -89,7 +91,7 @@ rule finetune_showo_faid:
         f"{LOGS}/finetune_showo_faid.log",
     shell:
         "OMP_NUM_THREADS={threads} python -m arrag.cli finetune-showo-faid --backbone {input.backbone:q}"
-        " --images {input.images:q} --index {input.index:q} --hops {params.hops} --num-blenders {params.m}"
+        " --images {input.images:q} --tokens {input.tokens:q} --index {input.index:q} --hops {params.hops} --num-blenders {params.m}"
         " --k {params.k} --max-images {params.images} --noise-draws {params.draws} --caption-dropout {params.dropout} --out {output:q}"
         " --checkpoint {params.checkpoint:q} --device {params.device} {params.tuning:q} --seed {params.seed}"
         " > {log:q} 2>&1"
