@@ -69,7 +69,7 @@ from arrag.models.showo import (
 )
 from arrag.patchdb.encode import vq_geometry
 from arrag.patchdb.index import PatchIndex
-from arrag.patchdb.neighbourhood import MISSING
+from arrag.patchdb.neighbourhood import MISSING, neighbours, token_vectors, usable_cells
 from arrag.split_tokens import image_tokens
 from arrag.training.finetune import (
     ADAPTER_FILE,
@@ -111,7 +111,8 @@ def retrieve_masked(index: PatchIndex, grid: torch.Tensor, masked: torch.Tensor,
     """Top-k retrieval for every masked position of grids [B, N] (raster order) with one index search.
 
     A query is the index's neighbourhood of the grid with the masked cells MISSING (zero vectors, or no query
-    where the `skip` edge policy stores no key). Returns (tokens [B, N, k] long, -1 where none: decoded positions,
+    where the `skip` edge policy stores no key). Positions with the same neighbour tokens share one query (early in
+    decoding most neighbourhoods are all masked). Returns (tokens [B, N, k] long, -1 where none: decoded positions,
     positions without a usable key, unfilled results; squared L2 distances [B, N, k], inf there), on the CPU.
     """
     batch, n = grid.shape
@@ -120,12 +121,14 @@ def retrieve_masked(index: PatchIndex, grid: torch.Tensor, masked: torch.Tensor,
         raise ValueError(f"grids of {n} positions, but the index was built on {side} x {side} grids")
     masked = masked.cpu()
     known = torch.where(masked, MISSING, grid.cpu().long()).view(batch, side, side)
-    queries, usable = index.grid_queries(known)  # [B, N, D], [N]
-    targets = masked & usable.unsqueeze(0)  # [B, N]
+    targets = masked & usable_cells(side, index.spec).flatten().unsqueeze(0)  # [B, N]
     tokens = torch.full((batch, n, k), -1, dtype=torch.long)
     distances = torch.full((batch, n, k), float("inf"))
     if targets.any():
-        tokens[targets], distances[targets] = index.search(queries[targets], k, unique)
+        slot_tokens = neighbours(known, index.spec, MISSING).flatten(1, 2)[targets]  # [M, S]
+        distinct, inverse = torch.unique(slot_tokens, dim=0, return_inverse=True)
+        found, found_distances = index.search(token_vectors(distinct, index.codebook).flatten(1), k, unique)
+        tokens[targets], distances[targets] = found[inverse], found_distances[inverse]
     return tokens, distances
 
 

@@ -125,15 +125,29 @@ def test_queries_use_only_decoded_neighbours(world):
     masked[0, [0, 5, 6, 9, 15]] = True
     grid = torch.where(masked, mask_id, tokens)
     retrieved, distances = retrieve_masked(index, grid, undecided(grid, CODES), 3, unique=True)
-    assert len(calls) == 1 and len(calls[0]) == int(masked.sum())  # one search, masked positions only
     expected, _ = grid_queries(torch.where(masked, -1, tokens).view(1, SIDE, SIDE), index.codebook, index.spec)
-    assert torch.equal(calls[0], expected[0, masked[0]])
+    wanted = expected[0, masked[0]]  # the masked positions' queries
+    assert len(calls) == 1  # one search, of the distinct queries of masked positions only
+    assert torch.equal(torch.unique(calls[0], dim=0), torch.unique(wanted, dim=0)) and len(calls[0]) == len(
+        torch.unique(wanted, dim=0))
     # by hand: cell 5 = (1, 1); its neighbours 0 1 2 / 4 6 / 8 9 10, of which 0, 6 and 9 are masked
     by_hand = torch.cat([torch.zeros(8) if p in (0, 6, 9) else index.codebook[tokens[0, p]]
                          for p in (0, 1, 2, 4, 6, 8, 9, 10)])
-    assert torch.equal(calls[0][1], by_hand)
+    assert torch.equal(wanted[1], by_hand)
+    own_tokens, own_distances = index.search(wanted, 3, unique=True)  # each position: its own query's results
+    assert torch.equal(retrieved[masked], own_tokens) and torch.equal(distances[masked], own_distances)
     assert (retrieved[~masked] == -1).all() and (retrieved[masked] >= 0).all()
     assert torch.isinf(distances[~masked]).all()
+
+
+def test_positions_with_the_same_neighbours_share_one_query(world):
+    backbone, indexes = world
+    index = dataclasses.replace(indexes["O"])
+    calls = count_searches(index)
+    grid = torch.full((2, SIDE * SIDE), backbone.config.mask_token_id)  # nothing decoded: every neighbour missing
+    retrieved, _ = retrieve_masked(index, grid, undecided(grid, CODES), 3, unique=True)
+    assert len(calls) == 1 and len(calls[0]) == 1
+    assert (retrieved == retrieved[0, 0]).all() and (retrieved >= 0).all()
 
 
 def test_skip_policy_queries_inner_masked_cells_only(world):
