@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 from arrag.patchdb.fingerprint import Fingerprint
-from arrag.patchdb.index import PatchIndex
-from arrag.patchdb.neighbourhood import query_tokens, token_vectors
+from arrag.patchdb.index import MemoisedRetriever, PatchIndex
 
 
 def merge_distributions(p_model: torch.Tensor, tokens: torch.Tensor, distances: torch.Tensor, tau: float,
@@ -63,12 +62,8 @@ class DAiDHook:
     halves share the query (it depends only on generated tokens), so retrieval runs once per image.
     Positions the index's edge policy leaves without a usable neighbourhood keep the model's distribution.
 
-    Retrievals are memoised by the query's neighbour tokens (the query is a function of them, so the result is
-    the same): a step searches only the token tuples not met earlier in the same `generate_tokens` call, in one
-    index call for the batch. The memo starts empty at step 0 of every call, so an image's tokens depend on its
-    micro-batch alone (never on what the process generated before: resuming and sharding give the same images),
-    and it is emptied when it would hold more than `CACHE_BYTES` of results. Shapes images (flat backgrounds)
-    repeat most tuples.
+    Retrievals go through a `MemoisedRetriever`: a step searches only the neighbour-token tuples not met earlier
+    in the same `generate_tokens` call, in one index call for the batch.
 
     With `overlap` the search of step t starts in a worker thread when the loop announces the step
     (`prefetch`), so it runs while the model computes step t's forward; the result is the same either way.
@@ -78,41 +73,17 @@ class DAiDHook:
     on a loaded one, so the CLI overlaps on CUDA only.
     `seconds` accumulates the time spent retrieving (in whichever thread), for the generation record."""
 
-    CACHE_BYTES = 2**28
-
     def __init__(self, index: PatchIndex, settings: DAiDSettings, overlap: bool = False):
         self.index, self.settings, self.seconds = index, settings, 0.0
-        self.searched = self.looked_up = 0  # token tuples searched / positions answered (memo hit rate)
-        self._cache: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._cache_limit = max(1, self.CACHE_BYTES // (12 * settings.k))  # entries: k long tokens + k float32
+        self.retriever = MemoisedRetriever(index, settings.k, settings.unique)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="daid") if overlap else None
         self._pending: tuple[int, Future] | None = None
         if overlap:  # the decode loop calls `prefetch` only when the hook has one: nothing to do per step otherwise
             self.prefetch = self._prefetch
 
     def _retrieve(self, tokens: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens [B, t] generated so far -> (top-k tokens [B, k] long, distances [B, k]) for position `step`;
-        -1 / inf throughout where the edge policy stores no key."""
         started = time.perf_counter()
-        slot_tokens, usable = query_tokens(tokens.cpu(), step, self.index.grid, self.index.spec)  # [B, S]
-        batch, k = len(slot_tokens), self.settings.k
-        if not usable:
-            found = torch.full((batch, k), -1, dtype=torch.long), torch.full((batch, k), float("inf"))
-        else:
-            if step == 0:
-                self._cache.clear()
-            keys = [tuple(row) for row in slot_tokens.tolist()]
-            new = list(dict.fromkeys(key for key in keys if key not in self._cache))
-            if new:
-                if len(self._cache) + len(new) > self._cache_limit:
-                    self._cache.clear()
-                    new = list(dict.fromkeys(keys))
-                vectors = token_vectors(torch.tensor(new), self.index.codebook).flatten(1)
-                found_tokens, found_distances = self.index.search(vectors, k, self.settings.unique)
-                self._cache.update(zip(new, zip(found_tokens, found_distances, strict=True), strict=True))
-            rows = [self._cache[key] for key in keys]
-            found = torch.stack([row[0] for row in rows]), torch.stack([row[1] for row in rows])
-            self.searched, self.looked_up = self.searched + len(new), self.looked_up + batch
+        found = self.retriever(tokens, step)
         self.seconds += time.perf_counter() - started
         return found
 

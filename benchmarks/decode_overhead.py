@@ -156,7 +156,7 @@ def main() -> None:
         "retrieval_share_of_time": {"daid": round(daid.seconds / total["daid"], 4),
                                     "daid_overlap": round(daid_overlap.seconds / total["daid_overlap"], 4),
                                     "faid": round(faid.retrieval_seconds / total["faid"], 4)},
-        "daid_memo_searched_share": round(daid.searched / max(1, daid.looked_up), 4),
+        "daid_memo_searched_share": round(daid.retriever.searched / max(1, daid.retriever.positions), 4),
         "setup_seconds": {"backbone": round(build_seconds, 1), "index": round(index_seconds, 1),
                           "faid_caches": round(faid_prepare_seconds, 1)},
     }))

@@ -125,12 +125,12 @@ def test_memoised_retrieval_equals_one_search_per_position(setup):
         for step in range(tokens.shape[1]):
             got, want = hook._retrieve(tokens[:, :step], step), index.retrieve(tokens[:, :step], step, 5, True)
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (policy, step)
-        assert 0 < hook.searched <= hook.looked_up
+        assert 0 < hook.retriever.searched <= hook.retriever.positions
         if policy == "zero":
-            assert hook.searched < hook.looked_up  # tuples repeat (no row has a neighbour at step 0)
-            searched = hook.searched
+            assert hook.retriever.searched < hook.retriever.positions  # tuples repeat (no neighbour at step 0)
+            searched = hook.retriever.searched
             hook._retrieve(tokens[:, :0], 0)  # step 0: a new generation, the memo starts empty
-            assert hook.searched == searched + 1
+            assert hook.retriever.searched == searched + 1
 
 
 def test_lambda_one_samples_only_retrieved_tokens(setup):

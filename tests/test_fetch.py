@@ -4,6 +4,7 @@ and a fake Hugging Face Hub (HfApi, hf_hub_download) serving local files with th
 import hashlib
 import io
 import json
+import re
 import tarfile
 import zipfile
 from pathlib import Path
@@ -141,6 +142,7 @@ def test_paper_config_pins_only_what_is_known():
         if spec["host"] == "github":
             assert spec["revision"] and all(f["git_oid"] for f in spec["files"]), name
     assert resources["benchmarks"]["mjhq"]["revision"] is None  # nobody has pinned it: a user must
+    assert re.fullmatch(r"[0-9a-f]{40}", PAPER["backbone"]["revision"])  # Janus-Pro-1B: a full commit hash
     assert sum(d["database_images"] for d in resources["datasets"]) == 5_700_000 + 3_300_000 + 4_600_000
     assert sum(d["finetune_images"] for d in resources["datasets"]) == 50_000
 
