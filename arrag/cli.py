@@ -53,7 +53,7 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
     from arrag.split_tokens import write_split_tokens
     from arrag.training.finetune import finetune_pairs
 
-    vq = load_vq(args.vq, args.revision or None).to(_device(args.device))
+    vq = load_vq(args.vq, args.revision or None, image_size=args.size).to(_device(args.device))
     _, _, files = finetune_pairs(args.images)
     summary = write_split_tokens(args.out, vq, files, args.size or vq_geometry(vq)[0])
     print(json.dumps(summary))
@@ -163,7 +163,8 @@ def cmd_finetune_showo_faid(args: argparse.Namespace) -> None:
     settings = FAiDSettings(hops=args.hops, m=args.num_blenders, k=args.k, init=args.init)
     metrics = finetune_masked_faid(args.backbone, args.images, args.index, args.out, args.checkpoint, settings,
                                    _finetune_config(args), args.caption_dropout, args.max_images, args.noise_draws,
-                                   _finetune_device(args.device), args.tokens)
+                                   _finetune_device(args.device), args.tokens, args.tokenizer or None,
+                                   args.tokenizer_revision or None, args.text_tokenizer or None)
     _print_finetune(metrics)
     print(f"blenders on layers {metrics['layers']}: {metrics['blender_parameters']} parameters")
 
@@ -245,15 +246,18 @@ def _write_generation_record(args: argparse.Namespace, record: dict) -> int:
 
 
 def _generate_showo(args: argparse.Namespace) -> int:
-    """`arrag generate` with a Shapes-world Show-o (its folder holds its VQ): vanilla MaskGIT decoding, DAiD or FAiD
-    on masked decoding (Appendix B.2: retrieval in the final half of the steps, O-neighbourhood index)."""
+    """`arrag generate` with a Show-o (hub id or folder; its tokenizer from --tokenizer, else the VQ in a Shapes-world
+    Show-o's folder): vanilla MaskGIT decoding, DAiD or FAiD on masked decoding (Appendix B.2: retrieval in the final
+    half of the steps, O-neighbourhood index)."""
     from arrag.generate import generate_shard, tokens_to_images
     from arrag.models.showo import MaskGitSampling, final_half, generate_tokens, load_showo
-    from arrag.training.showo import load_shapes_vq
+    from arrag.training.showo import load_showo_tokenizer
 
     device = _device(args.device)
-    backbone = load_showo(str(args.backbone), revision=args.revision or None, device=device)
-    vq = load_shapes_vq(args.backbone).to(device)
+    backbone = load_showo(str(args.backbone), revision=args.revision or None, device=device,
+                          tokenizer_source=args.text_tokenizer or None)
+    vq = load_showo_tokenizer(args.backbone, backbone.grid_size, args.tokenizer or None,
+                              args.tokenizer_revision or None).to(device)
     sampling = MaskGitSampling(guidance_scale=args.guidance_scale, steps=args.maskgit_steps,
                                temperature=args.temperature)
     extra, method_settings = {}, {}
@@ -319,7 +323,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             manifest = fetch.fetch_benchmark(spec, args.out, args.cache, args.allow_unpinned)
         elif args.what == "backbone":
             manifest = fetch.fetch_backbone(args.repo, args.revision or None, args.out, args.cache,
-                                            args.allow_unpinned)
+                                            args.allow_unpinned, args.key, args.include)
         else:
             specs = [fetch.DatasetSpec.from_config(entry, f"{args.key}[{i}]")
                      for i, entry in enumerate(json.loads(args.spec))]
@@ -352,7 +356,7 @@ def cmd_encode_patches(args: argparse.Namespace) -> None:
     from arrag.patchdb.encode import encode_shard, load_vq
     from arrag.patchdb.sources import Exclusions, read_sources
 
-    vq = load_vq(args.vq, revision=args.revision or None).to(_device(args.device))
+    vq = load_vq(args.vq, revision=args.revision or None, image_size=args.image_size).to(_device(args.device))
     meta = encode_shard(vq, read_sources(args.images), args.shard, args.shards, _key_spec(args),
                         Exclusions.read(args.exclusions), args.out, args.batch_size)
     for count in meta["sources"]:
@@ -475,7 +479,7 @@ def _tokens_option(parser: argparse.ArgumentParser) -> None:
 
 def _add_tokenize(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", required=True, type=Path, help="split folder (images + annotations.jsonl)")
-    parser.add_argument("--vq", required=True, help="JanusVQVAE or Janus backbone: hub id or local folder")
+    parser.add_argument("--vq", required=True, help="JanusVQVAE, Janus backbone or MAGVIT-v2: hub id or folder")
     parser.add_argument("--revision", default="", help="pinned hub revision (empty: none)")
     parser.add_argument("--size", type=int, help="side the images are squared to (default: the VQ's image size)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -581,8 +585,17 @@ def _add_finetune_faid(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("retrievals", nargs="+", type=Path, help="precompute-retrievals shard files")
 
 
+def _showo_tokenizer_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokenizer", default="", help="Show-o's image tokenizer: MAGVIT-v2 hub id or folder "
+                        "(showlab/magvitv2); empty: the VQ inside a Shapes-world Show-o's folder")
+    parser.add_argument("--tokenizer-revision", default="", help="pinned hub revision of --tokenizer (empty: none)")
+    parser.add_argument("--text-tokenizer", default="", help="Show-o's text tokenizer, folder or hub id (empty: the "
+                        "backbone folder's, else its config's llm_model_path, microsoft/phi-1_5)")
+
+
 def _add_finetune_showo_faid(parser: argparse.ArgumentParser) -> None:
     _finetune_options(parser)
+    _showo_tokenizer_options(parser)
     parser.add_argument("--index", required=True, type=Path, help="O-neighbourhood patch index (build-index)")
     parser.add_argument("--hops", required=True, help="blender hop levels, e.g. 1, 2 or 12")
     parser.add_argument("--num-blenders", required=True, type=int, help="number of blender modules m")
@@ -598,10 +611,11 @@ def _add_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", type=Path, help="GenEval metadata jsonl, DPG prompt folder or MJHQ meta_data.json")
     parser.add_argument("--method", default="vanilla",
                         choices=["vanilla", "racm3", "daid", "faid", "showo", "showo_daid", "showo_faid"],
-                        help="showo*: --backbone is a Shapes-world Show-o (train-showo output)")
+                        help="showo*: --backbone is a Show-o (hub id, or a train-showo output)")
     parser.add_argument("--variant", default="default", help="ablation cell or 'default' / 'selected'")
     parser.add_argument("--backbone", help="hub id or local folder of the backbone")
     parser.add_argument("--revision", default="", help="pinned hub revision (empty: none)")
+    _showo_tokenizer_options(parser)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--shard", type=int, default=0)
     parser.add_argument("--shards", type=int, default=1)
@@ -637,6 +651,7 @@ def _add_fetch(parser: argparse.ArgumentParser) -> None:
     backbone = what.add_parser("backbone", help="a Hugging Face model snapshot (pinned)")
     backbone.add_argument("--repo", required=True, help="hub id, e.g. deepseek-community/Janus-Pro-1B")
     backbone.add_argument("--revision", default="", help="pinned commit (empty: not pinned)")
+    backbone.add_argument("--include", nargs="+", help="only the files matching these globs (default: all)")
     datasets = what.add_parser("datasets", help="the image datasets of the patch database or of fine-tuning")
     datasets.add_argument("--spec", required=True, help="JSON list of resources.datasets entries")
     datasets.add_argument("--role", required=True, choices=["database", "finetune"])
@@ -649,6 +664,7 @@ def _add_fetch(parser: argparse.ArgumentParser) -> None:
         sub.add_argument("--key", default="resources", help="config key of the spec, named in errors")
         sub.add_argument("--allow-unpinned", action="store_true", help="download a null revision at the current "
                          "commit (recorded in the manifest) instead of failing")
+    backbone.set_defaults(key="backbone")  # after --key's own default, which it replaces
 
 
 def _add_tables(parser: argparse.ArgumentParser) -> None:
@@ -682,8 +698,9 @@ def _add_exclusion_list(parser: argparse.ArgumentParser) -> None:
 def _add_encode_patches(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", required=True, type=Path,
                         help="database folder: a Shapes split or a folder with sources.json (arrag fetch)")
-    parser.add_argument("--vq", required=True, help="JanusVQVAE or Janus backbone folder / hub id")
+    parser.add_argument("--vq", required=True, help="JanusVQVAE, Janus backbone or MAGVIT-v2 folder / hub id")
     parser.add_argument("--revision", default="", help="pinned hub revision of --vq (empty: none)")
+    parser.add_argument("--image-size", type=int, help="MAGVIT-v2: image side it encodes (default 256)")
     parser.add_argument("--shard", required=True, type=int)
     parser.add_argument("--shards", required=True, type=int)
     parser.add_argument("--exclusions", type=Path, help="exclusion list written by `arrag exclusion-list`")

@@ -379,11 +379,16 @@ def fetch_benchmark(spec: RepoSpec, out: str | Path, cache: str | Path, allow_un
 
 
 def fetch_backbone(repo: str, revision: str | None, out: str | Path, cache: str | Path,
-                   allow_unpinned: bool = False, key: str = "backbone") -> Manifest:
-    """A model snapshot (every file of the repository) into the folder `out`, with `out/manifest.json`."""
+                   allow_unpinned: bool = False, key: str = "backbone", include: list[str] | None = None) -> Manifest:
+    """A model snapshot (every file of the repository, or those matching a glob of `include`) into the folder
+    `out`, with `out/manifest.json`."""
     out, cache = Path(out), Path(cache)
     commit = resolve_revision(repo, "model", revision, key, allow_unpinned)
     listing = hub_listing(repo, "model", commit, key)
+    if include:
+        listing = {path: entry for path, entry in listing.items() if any(fnmatch(path, p) for p in include)}
+        if not listing:
+            raise FetchError(f"{key}: no file of {repo} at {commit} matches {include}")
     manifest = Manifest()
     with scratch(out.parent, out.name) as staging:
         files, known = {}, {}

@@ -79,7 +79,7 @@ from arrag.training.finetune import (
     finetune_pairs,
     load_finetuned,
 )
-from arrag.training.showo import load_shapes_vq, mask_tokens, masked_token_loss
+from arrag.training.showo import load_showo_tokenizer, mask_tokens, masked_token_loss
 from evaluators.io import sha256_file, write_json_atomic
 
 # ---------------------------------------------------------------------------------------------------------- retrieval
@@ -344,18 +344,21 @@ SETTINGS_FILE = "faid.json"
 def finetune_masked_faid(showo_dir: str | Path, train_dir: str | Path, index_path: str | Path, out_dir: str | Path,
                          checkpoint_dir: str | Path, settings: FAiDSettings, config: FinetuneConfig,
                          caption_dropout: float = 0.1, images: int = 0, noise_draws: int = 1,
-                         device: str = "cpu", tokens_file: str | Path | None = None) -> dict:
+                         device: str = "cpu", tokens_file: str | Path | None = None, tokenizer: str | None = None,
+                         tokenizer_revision: str | None = None, text_tokenizer: str | None = None) -> dict:
     """Fine-tune FAiD on a Shapes-world Show-o (its folder holds the VQ it was trained with, `vq/`): the first
     `images` training images (0: all), each noised `noise_draws` times as Show-o's training does (the paper
     retrieves for the noised states of several time steps of each instance: every draw is a training row), with
     the top-k retrievals of its masked positions from the O index at `index_path` (`noised_retrievals`, seeded
     by config.seed); then the loop shared with the autoregressive FAiD. The images' tokens come from
-    `tokens_file` when given, else are encoded here. Writes `out_dir` (adapter, faid.json, metrics.json);
+    `tokens_file` when given, else are encoded here; the tokenizer is `tokenizer` (paper scale: MAGVIT-v2) or the
+    Shapes VQ beside the backbone (`load_showo_tokenizer`), the text tokenizer `text_tokenizer` when given (see
+    `load_showo`). Writes `out_dir` (adapter, faid.json, metrics.json);
     returns the metrics."""
     from arrag.daid import load_index_for
 
-    backbone = load_showo(str(showo_dir), device=device)
-    vq = load_shapes_vq(showo_dir)
+    backbone = load_showo(str(showo_dir), device=device, tokenizer_source=text_tokenizer)
+    vq = load_showo_tokenizer(showo_dir, backbone.grid_size, tokenizer, tokenizer_revision)
     records, captions, files = finetune_pairs(train_dir)
     if images:
         records, captions, files = records[:images], captions[:images], files[:images]

@@ -321,6 +321,17 @@ def test_a_dataset_without_hub_images_says_how_to_prepare_it(tmp_path):
         fetch_datasets([spec], "database", tmp_path / "database", tmp_path / "cache")
 
 
+def test_a_snapshot_can_take_only_some_files(tmp_path, hub, capsys):
+    files = {"config.json": b"{}", "tokenizer.json": b"t", "vocab.json": b"v", "model.safetensors": b"w" * 100}
+    hub.add("microsoft/phi-1_5", files)
+    assert cli.main(["fetch", "backbone", "--repo", "microsoft/phi-1_5", "--revision", COMMIT, "--include",
+                     "tokenizer*", "vocab.json", "--out", str(tmp_path / "text"), "--cache", str(tmp_path / "c")]) == 0
+    assert sorted(p.name for p in (tmp_path / "text").iterdir()) == ["manifest.json", "tokenizer.json", "vocab.json"]
+    assert "model.safetensors" not in hub.downloads
+    with pytest.raises(FetchError, match=r"showo: no file of microsoft/phi-1_5 at .* matches \['\*.model'\]"):
+        fetch_backbone("microsoft/phi-1_5", COMMIT, tmp_path / "none", tmp_path / "c", key="showo", include=["*.model"])
+
+
 def test_the_fetch_command_reports_errors_without_a_trace(tmp_path, hub, capsys):
     hub.add("deepseek-community/Janus-Pro-1B", {"config.json": b"{}"})
     code = cli.main(["fetch", "backbone", "--repo", "deepseek-community/Janus-Pro-1B", "--out",

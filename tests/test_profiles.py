@@ -15,8 +15,9 @@ SLURM = REPO / "profiles" / "slurm" / "config.yaml"
 DEFAULT = REPO / "profiles" / "default" / "config.yaml"
 # Rules that run on a GPU at paper scale; every other rule must not request one.
 GPU_RULES = {"encode_patches", "tokenize_split", "retrieval_analysis", "precompute_retrievals", "finetune_faid",
-             "build_clip_index", "finetune_racm3", "generate", "image_metric", "geneval_score", "dpg_score"}
-FINETUNE_RULES = {"finetune_faid", "finetune_racm3"}
+             "build_clip_index", "finetune_racm3", "generate", "image_metric", "geneval_score", "dpg_score",
+             "encode_patches_showo", "tokenize_split_showo", "finetune_showo_faid"}
+FINETUNE_RULES = {"finetune_faid", "finetune_racm3", "finetune_showo_faid"}
 # conda is not installable on these machines; the SLURM profile deploys software with conda, which Snakemake
 # checks even in a dry run. This stand-in answers the three questions it asks (version, info, channel priority).
 FAKE_CONDA = """#!/bin/sh
@@ -119,3 +120,5 @@ def test_several_finetuning_gpus_request_them_and_launch_torchrun():
     assert jobs["generate"]["gpu"] == "1"
     assert "torchrun --standalone --nproc_per_node 4 -m arrag.cli finetune-faid" in output
     assert "torchrun --standalone --nproc_per_node 4 -m arrag.cli finetune-racm3" in output
+    assert jobs["finetune_showo_faid"]["gpu"] == "4"
+    assert "torchrun --standalone --nproc_per_node 4 -m arrag.cli finetune-showo-faid" in output

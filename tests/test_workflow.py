@@ -48,8 +48,14 @@ def test_dry_run_of_the_whole_pipeline(name):
     assert counts["generate"] == (len(config["methods"]) * main_shards + (n_daid + n_faid) * shards["mjhq_ablation"]
                                   + n_showo * shards["mjhq"])
     assert counts["gather_generation"] == folders
-    assert counts.get("train_shapes_showo", 0) == counts.get("showo_index", 0) == int(n_showo > 0)
+    assert counts.get("showo_index", 0) == int(n_showo > 0)
     assert counts.get("finetune_showo_faid", 0) == int("showo_faid" in config["showo"]["methods"])
+    if config["scale"] == "shapes":  # Show-o trained in the DAG; its O index redefined from the main shards
+        assert counts.get("train_shapes_showo", 0) == int(n_showo > 0) and "encode_patches_showo" not in counts
+    else:  # the hub Show-o, its MAGVIT-v2 tokens of the database (one job per shard) and of the fine-tuning images
+        assert counts.get("fetch_showo_model", 0) == 3 * (n_showo > 0) and "train_shapes_showo" not in counts
+        assert counts.get("encode_patches_showo", 0) == index_shards * (n_showo > 0)
+        assert counts.get("tokenize_split_showo", 0) == int("showo_faid" in config["showo"]["methods"])
     assert counts["encode_patches"] == counts["add_shard"] == counts["precompute_retrievals"] == index_shards
     assert counts["finetune_faid"] == n_faid
     assert counts["image_metric"] == 3 * len(config["methods"]) + n_daid + n_faid + 3 * n_showo

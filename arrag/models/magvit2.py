@@ -3,7 +3,8 @@
 Images [B, 3, H, W] in [-1, 1] <-> token grids [B, h, w] long, h = H / 2 ** (levels - 1) (256 px -> 16 x 16 with
 the official five levels). The functions mirror `arrag.models.vq` (`encode_latents`, `encode_images`,
 `decode_tokens`, `codebook_vectors`, each taking the model first), so the Show-o backbone can be paired with
-either tokenizer.
+either tokenizer; `arrag.models.vq`'s functions hand a `Magvit2` to them, so the patch database, the split tokens
+and generation take either tokenizer (`arrag.patchdb.encode.load_vq` loads both).
 
 Lookup-free quantisation (LFQ) with K bits: the encoder outputs z [B, K, h, w]; channel j gives bit
 b_j = [z_j > 0] (zero counts as 0), the token id is sum_j b_j * 2 ** (K - 1 - j) (channel 0 is the most significant
@@ -55,6 +56,7 @@ class Magvit2Config:
     decoder_channel_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
     decoder_res_blocks: tuple[int, ...] = (4, 4, 3, 4, 3)
     code_bits: int = 13  # K: z channels, codebook size 2 ** K
+    image_size: int = 256  # input side it is used at (it is fully convolutional; ours, not in the official config)
 
     @property
     def codebook_size(self) -> int:
@@ -75,6 +77,7 @@ def tiny_magvit2_config(code_bits: int = 6) -> Magvit2Config:
         decoder_channel_mult=(1, 2),
         decoder_res_blocks=(1, 1),
         code_bits=code_bits,
+        image_size=16,
     )
 
 
@@ -302,13 +305,15 @@ def load_magvit2(
     revision: str | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
+    image_size: int | None = None,
 ) -> Magvit2:
     """Load from a hub id (pin `revision` to a commit) or a local directory, strictly (see `checkpoint.load_strict`).
 
-    `dtype=None` keeps the checkpoint's floating dtype. Returned in eval mode.
+    `dtype=None` keeps the checkpoint's floating dtype; `image_size` overrides the config's input side (the
+    official config has none: 256 unless given; Show-o 512 uses 512). Returned in eval mode.
     """
     data, state = read_checkpoint(source, revision)
-    model = Magvit2(config_from_json(data))
+    model = Magvit2(config_from_json({**data, **({"image_size": image_size} if image_size else {})}))
     load_strict(model, state, source)
     reference = LookupFreeQuantizer(model.config.code_bits)
     if not (

@@ -23,18 +23,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from arrag.models import magvit2
+
 
 def codebook_vectors(vq_model: nn.Module, normalized: bool = True) -> torch.Tensor:
-    """The codebook [V, d], L2-normalised per code when `normalized`."""
-    weight = vq_model.quantize.embedding.weight
+    """The codebook [V, d], L2-normalised per code when `normalized` (MAGVIT-v2: its LFQ vectors, all of one norm,
+    so nearest codes do not change)."""
+    weight = magvit2.codebook_vectors(vq_model) if is_magvit2(vq_model) else vq_model.quantize.embedding.weight
     return F.normalize(weight, dim=-1) if normalized else weight
 
 
 def encode_latents(vq_model: nn.Module, images: torch.Tensor, l2_normalized: bool = True) -> torch.Tensor:
     """Continuous pre-quantisation latents z [B, h, w, d] (encoder -> quant_conv), L2-normalised if asked."""
-    images = images.to(vq_model.quant_conv.weight.dtype)
-    z = vq_model.quant_conv(vq_model.encoder(images)).permute(0, 2, 3, 1)
+    if is_magvit2(vq_model):
+        z = magvit2.encode_latents(vq_model, images)
+    else:
+        images = images.to(vq_model.quant_conv.weight.dtype)
+        z = vq_model.quant_conv(vq_model.encoder(images)).permute(0, 2, 3, 1)
     return F.normalize(z, dim=-1) if l2_normalized else z
+
+
+def is_magvit2(vq_model: nn.Module) -> bool:
+    """Whether the tokenizer is Show-o's MAGVIT-v2 (else a JanusVQVAE)."""
+    return isinstance(vq_model, magvit2.Magvit2)
 
 
 def nearest_codes(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -46,7 +57,10 @@ def nearest_codes(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_images(vq_model: nn.Module, images: torch.Tensor, l2_normalized: bool = True) -> torch.Tensor:
-    """Images [B, 3, H, W] in [-1, 1] -> token grids [B, h, w] (see the module docstring for the rule)."""
+    """Images [B, 3, H, W] in [-1, 1] -> token grids [B, h, w] (see the module docstring for the rule; MAGVIT-v2:
+    its LFQ signs)."""
+    if is_magvit2(vq_model):
+        return magvit2.encode_images(vq_model, images)
     z = encode_latents(vq_model, images, l2_normalized)
     return nearest_codes(z, codebook_vectors(vq_model, l2_normalized))
 
@@ -55,8 +69,11 @@ def encode_images(vq_model: nn.Module, images: torch.Tensor, l2_normalized: bool
 def decode_tokens(vq_model: nn.Module, tokens: torch.Tensor, l2_normalized: bool = True) -> torch.Tensor:
     """Token grids [B, h, w] -> images [B, 3, H, W] clamped to [-1, 1].
 
-    With `l2_normalized` this is `JanusVQVAE.decode` (normalised codebook) for any grid size.
+    With `l2_normalized` this is `JanusVQVAE.decode` (normalised codebook) for any grid size. MAGVIT-v2 decodes
+    its LFQ vectors.
     """
+    if is_magvit2(vq_model):
+        return magvit2.decode_tokens(vq_model, tokens)
     quant = codebook_vectors(vq_model, l2_normalized)[tokens].permute(0, 3, 1, 2).contiguous()  # [B, d, h, w]
     images = vq_model.decoder(vq_model.post_quant_conv(quant))
     return images.clamp(-1.0, 1.0)

@@ -31,18 +31,27 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from arrag.models.vq import codebook_vectors, encode_latents, nearest_codes
+from arrag.models.vq import codebook_vectors, encode_latents, is_magvit2, nearest_codes
 from arrag.patchdb.fingerprint import Fingerprint
 from arrag.patchdb.neighbourhood import KeySpec
 from arrag.patchdb.sources import Exclusions, ImageSource, decode_image, held_out
 from arrag.patchdb.token_index import token_dtype
 
 
-def load_vq(source: str | Path, revision: str | None = None) -> nn.Module:
-    """The image tokenizer from a `JanusVQVAE` folder / hub id, or from a Janus backbone (its `vqmodel`)."""
-    from transformers import AutoConfig, JanusForConditionalGeneration, JanusVQVAE
+def load_vq(source: str | Path, revision: str | None = None, image_size: int | None = None) -> nn.Module:
+    """The image tokenizer from a `JanusVQVAE` folder / hub id, from a Janus backbone (its `vqmodel`), or Show-o's
+    MAGVIT-v2 (`showlab/magvitv2`; config.json `_class_name` MAGVITv2) used at `image_size` pixels (default 256)."""
+    from huggingface_hub import hf_hub_download
+    from transformers import JanusForConditionalGeneration, JanusVQVAE
 
-    model_type = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=False).model_type
+    from arrag.models.magvit2 import load_magvit2
+
+    local = Path(source) / "config.json"
+    config = json.loads((local if local.is_file() else Path(hf_hub_download(str(source), "config.json",
+                                                                               revision=revision))).read_text())
+    if config.get("_class_name") == "MAGVITv2":
+        return load_magvit2(str(source), revision, dtype=torch.float32, image_size=image_size)
+    model_type = config.get("model_type")
     if model_type == "janus":
         model = JanusForConditionalGeneration.from_pretrained(source, revision=revision, trust_remote_code=False)
         return model.model.vqmodel.eval()
@@ -52,7 +61,9 @@ def load_vq(source: str | Path, revision: str | None = None) -> nn.Module:
 
 
 def vq_geometry(vq: nn.Module) -> tuple[int, int]:
-    """(image side in pixels, token grid side) of a JanusVQVAE."""
+    """(image side in pixels, token grid side) of a JanusVQVAE or a MAGVIT-v2."""
+    if is_magvit2(vq):
+        return vq.config.image_size, vq.config.image_size // vq.config.downsample
     grid = vq.config.num_patches
     return grid * 2 ** (len(vq.config.channel_multiplier) - 1), grid
 
@@ -116,7 +127,9 @@ def encode_images(vq: nn.Module, images: list[bytes], batch_size: int = 64, with
     for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", mininterval=5, disable=not desc):
         batch = [decode_image(data, size) for data in images[start:start + batch_size]]
         z = encode_latents(vq, to_model_input(batch).to(device), l2_normalized=True).float()  # [B, h, w, d]
-        tokens[start:start + len(batch)] = nearest_codes(z, codebook.to(z.device)).cpu().numpy()
+        codes = (vq.quantize.codes(z.permute(0, 3, 1, 2)) if is_magvit2(vq)  # LFQ: the signs of z
+                 else nearest_codes(z, codebook.to(z.device)))
+        tokens[start:start + len(batch)] = codes.cpu().numpy()
         if latents is not None:
             latents[start:start + len(batch)] = z.cpu().numpy()
     return tokens, latents

@@ -63,8 +63,8 @@ from arrag.models.showo import (
     generate_tokens,
     mask_ratio,
 )
-from arrag.models.vq import decode_tokens
-from arrag.patchdb.encode import vq_geometry
+from arrag.models.vq import decode_tokens, is_magvit2
+from arrag.patchdb.encode import load_vq, vq_geometry
 from arrag.training.finetune import finetune_pairs
 from arrag.training.loop import batch_indices, optimizer_step, resume, save_training, step_generator, warmup_cosine
 from evaluators.io import write_json_atomic
@@ -212,6 +212,21 @@ def train_shapes_showo(vq_dir: str | Path, train_dir: str | Path, out_dir: str |
 def load_shapes_vq(backbone_dir: str | Path) -> JanusVQVAE:
     """The VQ saved beside a trained Shapes Show-o (out_dir/vq), in eval mode."""
     return JanusVQVAE.from_pretrained(Path(backbone_dir) / VQ_SUBDIR).eval()
+
+
+def load_showo_tokenizer(backbone_dir: str | Path, grid: int, tokenizer: str | None = None,
+                         revision: str | None = None) -> torch.nn.Module:
+    """Show-o's image tokenizer: `tokenizer` when given (a hub id or folder of MAGVIT-v2, `showlab/magvitv2`, or
+    any `load_vq` source), else the VQ saved beside a Shapes Show-o. A MAGVIT-v2 is set to the backbone's `grid`
+    (image side = grid x its downsampling: Show-o 512 reads 512-pixel images as 32 x 32 tokens)."""
+    if tokenizer is None:
+        return load_shapes_vq(backbone_dir)
+    vq = load_vq(tokenizer, revision)
+    if is_magvit2(vq):
+        vq.config.image_size = grid * vq.config.downsample
+    elif vq_geometry(vq)[1] != grid:
+        raise ValueError(f"tokenizer {tokenizer!r} makes {vq_geometry(vq)[1]}-token grids, the backbone {grid}")
+    return vq
 
 
 # ----------------------------------------------------------------------------------------------------------

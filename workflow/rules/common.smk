@@ -30,7 +30,6 @@ INDEX_FILE = f"{R}/index/index.{INDEX_SUFFIX}"
 INDEX_SIDECARS = [f"{INDEX_FILE}.json", f"{INDEX_FILE}.values.npz"] + (
     [f"{INDEX_FILE}.ivfdata"] if config["index"]["ondisk"] and config["index"]["type"] == "ivfpq" else []
 )
-SHOWO_MODEL = f"{R}/models/showo"
 SHOWO_INDEX = f"{R}/index_showo/index.tokens"
 SHOWO_INDEX_SIDECARS = [f"{SHOWO_INDEX}.json", f"{SHOWO_INDEX}.values.npz"]
 LOGS = f"logs/{RUN}"
@@ -70,6 +69,10 @@ if SHAPES:
     DATABASE_IMAGES = f"{R}/shapes/database"
     FINETUNE_IMAGES = f"{R}/shapes/train"
     TOKENIZER = f"{R}/models/vq"  # the backbone's VQ: the same weights (the LM trains with it frozen)
+    # Show-o: trained in the DAG over the Shapes VQ, which its folder holds; its O index is redefined from the main
+    # index's shards (same tokens), and its fine-tuning reads the main split tokens.
+    SHOWO_MODEL = f"{R}/models/showo"
+    SHOWO_TOKENIZERS = {}
 else:
     BENCHMARK_DIR = "resources/benchmarks"
     GENEVAL_METADATA = config["benchmarks"]["geneval"]["metadata"]
@@ -81,8 +84,15 @@ else:
     DATABASE_IMAGES = "resources/datasets/database"
     FINETUNE_IMAGES = "resources/datasets/finetune"
     TOKENIZER = BACKBONE
+    # Show-o: the hub checkpoint, its MAGVIT-v2 image tokenizer and Phi-1.5's text tokenizer, fetched; its O index
+    # and its fine-tuning tokens are MAGVIT-v2 tokens of the database and fine-tuning images.
+    SHOWO_MODEL = "resources/models/showo"
+    SHOWO_TOKENIZERS = {"tokenizer": "resources/models/showo_tokenizer",
+                        "text_tokenizer": "resources/models/showo_text_tokenizer"}
 # VQ tokens of the training / fine-tuning images (Shapes: the train split is both), read by every job training on them.
 SPLIT_TOKENS = f"{R}/tokens/finetune.npz"
+SHOWO_SHARDS = expand(f"{R}/index{'' if SHAPES else '_showo'}/shards/{{shard}}.npz", shard=INDEX_SHARDS)
+SHOWO_TOKENS = SPLIT_TOKENS if SHAPES else f"{R}/tokens/finetune_showo.npz"
 
 
 def benchmark_files(wildcards=None):
@@ -174,6 +184,8 @@ def method_inputs(wildcards):
         inputs["index"] = SHOWO_INDEX
     if method == "showo_faid":
         inputs["weights"] = f"{R}/models/showo_faid"
+    if method.startswith("showo"):
+        inputs.update(SHOWO_TOKENIZERS)
     return inputs
 
 
@@ -265,6 +277,7 @@ def implemented(name):
 
 
 BACKBONE_COMMANDS = ["train-vq", "train-lm"] if SHAPES else ["fetch"]
+SHOWO_COMMANDS = ["train-vq", "train-showo"] if SHAPES else ["fetch"]
 DATA_COMMANDS = ["shapes-world", "shapes-benchmarks"] if SHAPES else ["fetch"]
 INDEX_COMMANDS = BACKBONE_COMMANDS + ["encode-patches", "train-index", "add-shard", "merge-index"]
 METHOD_COMMANDS = {
@@ -273,9 +286,9 @@ METHOD_COMMANDS = {
     "faid": INDEX_COMMANDS + ["precompute-retrievals", "finetune-faid", "generate", "select", "eval:fid"],
     "racm3": BACKBONE_COMMANDS + (["train-clip"] if SHAPES else [])
     + ["build-clip-index", "finetune-racm3", "generate"],
-    "showo": ["train-vq", "train-showo", "generate"],
-    "showo_daid": ["train-vq", "train-showo", "encode-patches", "build-index", "generate"],
-    "showo_faid": ["train-vq", "train-showo", "encode-patches", "build-index", "finetune-showo-faid", "generate"],
+    "showo": SHOWO_COMMANDS + ["generate"],
+    "showo_daid": SHOWO_COMMANDS + ["encode-patches", "build-index", "generate"],
+    "showo_faid": SHOWO_COMMANDS + ["encode-patches", "build-index", "tokenize", "finetune-showo-faid", "generate"],
 }
 METRIC_FILES = {"geneval": ["geneval"], "dpg": ["dpg"], "mjhq": ["fid", "cmmd", "fwd"]}
 METRICS = tuple(f"{m}:" for metrics in METRIC_FILES.values() for m in metrics)

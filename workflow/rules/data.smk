@@ -89,6 +89,31 @@ if not SHAPES:
             "python -m arrag.cli fetch backbone --repo {params.repo:q} --revision={params.revision:q} --key backbone"
             " --out {output:q} {params.options:q} > {log:q} 2>&1"
 
+    SHOWO_FETCHED = {"showo": "model", "showo_tokenizer": "tokenizer", "showo_text_tokenizer": "text_tokenizer"}
+
+    rule fetch_showo_model:
+        """Show-o's hub snapshots (showo.model, showo.tokenizer: MAGVIT-v2, showo.text_tokenizer: its files listed in
+        showo.text_tokenizer.include) with manifests."""
+        output:
+            directory("resources/models/{name}"),
+        wildcard_constraints:
+            name="|".join(SHOWO_FETCHED),
+        params:
+            repo=lambda wc: config["showo"][SHOWO_FETCHED[wc.name]]["source"],
+            revision=lambda wc: config["showo"][SHOWO_FETCHED[wc.name]]["revision"] or "",
+            key=lambda wc: f"showo.{SHOWO_FETCHED[wc.name]}",
+            include=lambda wc: ["--include", *config["showo"]["text_tokenizer"]["include"]]
+            if wc.name == "showo_text_tokenizer" else [],
+            options=FETCH_OPTIONS,
+        localrule: True
+        conda:
+            MAIN_ENV
+        log:
+            f"{LOGS}/fetch/{{name}}.log",
+        shell:
+            "python -m arrag.cli fetch backbone --repo {params.repo:q} --revision={params.revision:q} --key {params.key}"
+            " {params.include:q} --out {output:q} {params.options:q} > {log:q} 2>&1"
+
     rule fetch_datasets:
         """The image datasets of the patch database or of fine-tuning, subsampled by files, with sources.json."""
         output:

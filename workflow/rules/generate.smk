@@ -21,7 +21,7 @@ rule generate:
         top_k=config["sampling"]["top_k"] or 0,
         top_p=config["sampling"]["top_p"] or 1.0,
         device=config["device"],
-        revision=config["backbone"]["revision"] or "",
+        revision=lambda wc: "" if wc.method.startswith("showo") else config["backbone"]["revision"] or "",
         samples=config["benchmarks"]["geneval"]["samples_per_prompt"],
         subset=config["benchmarks"]["mjhq"]["ablation_subset"],
         method=lambda wc, input: method_arguments(wc, input),

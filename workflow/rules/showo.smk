@@ -1,46 +1,46 @@
-# Show-o-style masked decoding (Table 3's Show-o rows, Appendix B.2), Shapes scale: a masked-decoding backbone of
-# Show-o's classes trained on the Shapes VQ's tokens, an O-neighbourhood index redefined from the main index's
-# shards (same tokenizer), and FAiD fine-tuned on Show-o's noising. Generation and metrics go through the shared
-# `generate` / `image_metric` rules (methods showo, showo_daid, showo_faid; MJHQ-style benchmark only).
+# Show-o-style masked decoding (Table 3's Show-o rows, Appendix B.2): an O-neighbourhood index of the backbone's
+# tokens, FAiD fine-tuned on Show-o's noising, and generation / metrics through the shared `generate` /
+# `image_metric` rules (methods showo, showo_daid, showo_faid; MJHQ-style benchmark only).
+# Shapes: a Show-o of the same classes trained over the Shapes VQ; its O index is redefined from the main index's
+# shards (same tokens). Paper scale: the hub Show-o with its MAGVIT-v2 tokenizer, whose tokens of the database
+# and of the fine-tuning images are encoded here (SHOWO_SHARDS, SHOWO_TOKENS in common.smk).
 SHOWO = config["showo"]
 
-if SHOWO["methods"] and not SHAPES:
-    raise WorkflowError("showo.methods: Show-o rows are wired at Shapes scale only so far (the paper-scale index "
-                        "needs MAGVIT-v2 tokens of the database); set showo.methods: [] in the paper config")
 
+if SHAPES:
 
-rule train_shapes_showo:
-    """A Show-o transformer (Phi, omni-attention, MaskGIT) over the Shapes VQ's tokens, with Show-o's masked-token
-    objective; its folder holds a copy of the VQ."""
-    input:
-        images=f"{R}/shapes/train",
-        heldout=f"{R}/shapes/heldout",
-        vq=f"{R}/models/vq",
-        tokens=SPLIT_TOKENS,
-    output:
-        directory(SHOWO_MODEL),
-    params:
-        checkpoint=f"{R}/checkpoints/showo.pt",
-        train=finetune_arguments(SHOWO["train"]),
-        guidance=SHOWO["sampling"]["guidance_scale"],
-        steps=SHOWO["sampling"]["steps"],
-        seed=config["seed"],
-    threads: 2
-    priority: CHAIN_PRIORITY
-    conda:
-        MAIN_ENV
-    log:
-        f"{LOGS}/train_shapes_showo.log",
-    shell:
-        "OMP_NUM_THREADS={threads} python -m arrag.cli train-showo --images {input.images:q} --heldout {input.heldout:q}"
-        " --vq {input.vq:q} --tokens {input.tokens:q} --out {output:q} --checkpoint {params.checkpoint:q} {params.train:q}"
-        " --guidance-scale {params.guidance} --maskgit-steps {params.steps} --seed {params.seed} > {log:q} 2>&1"
+    rule train_shapes_showo:
+        """A Show-o transformer (Phi, omni-attention, MaskGIT) over the Shapes VQ's tokens, with Show-o's masked-token
+        objective; its folder holds a copy of the VQ."""
+        input:
+            images=f"{R}/shapes/train",
+            heldout=f"{R}/shapes/heldout",
+            vq=f"{R}/models/vq",
+            tokens=SPLIT_TOKENS,
+        output:
+            directory(SHOWO_MODEL),
+        params:
+            checkpoint=f"{R}/checkpoints/showo.pt",
+            train=finetune_arguments(SHOWO["train"]),
+            guidance=SHOWO["sampling"]["guidance_scale"],
+            steps=SHOWO["sampling"]["steps"],
+            seed=config["seed"],
+        threads: 2
+        priority: CHAIN_PRIORITY
+        conda:
+            MAIN_ENV
+        log:
+            f"{LOGS}/train_shapes_showo.log",
+        shell:
+            "OMP_NUM_THREADS={threads} python -m arrag.cli train-showo --images {input.images:q} --heldout {input.heldout:q}"
+            " --vq {input.vq:q} --tokens {input.tokens:q} --out {output:q} --checkpoint {params.checkpoint:q} {params.train:q}"
+            " --guidance-scale {params.guidance} --maskgit-steps {params.steps} --seed {params.seed} > {log:q} 2>&1"
 
 
 rule showo_index:
-    """The O-neighbourhood index of masked decoding, with keys redefined from the main index's token shards."""
+    """The O-neighbourhood index of masked decoding, keys defined (Shapes: redefined) from token shards."""
     input:
-        expand(f"{R}/index/shards/{{shard}}.npz", shard=INDEX_SHARDS),
+        SHOWO_SHARDS,
     output:
         index=SHOWO_INDEX,
         sidecars=SHOWO_INDEX_SIDECARS,
@@ -69,10 +69,12 @@ rule finetune_showo_faid:
         images=FINETUNE_IMAGES,
         index=SHOWO_INDEX,
         sidecars=SHOWO_INDEX_SIDECARS,
-        tokens=SPLIT_TOKENS,
+        tokens=SHOWO_TOKENS,
+        **SHOWO_TOKENIZERS,
     output:
         directory(f"{R}/models/showo_faid"),
     params:
+        launch=FINETUNE_LAUNCH,
         checkpoint=f"{R}/checkpoints/showo_faid",
         hops=SHOWO["faid"]["hops"],
         m=SHOWO["faid"]["m"],
@@ -83,15 +85,72 @@ rule finetune_showo_faid:
         tuning=finetune_arguments(SHOWO["faid"]["finetune"]),
         device=config["device"],
         seed=config["seed"],
+        tokenizers=lambda wildcards, input: [a for key in SHOWO_TOKENIZERS
+                                             for a in (f"--{key.replace('_', '-')}", input[key])],
     threads: 2
+    resources:
+        gpu=FINETUNE_GPUS,
     priority: CHAIN_PRIORITY
     conda:
         MAIN_ENV
     log:
         f"{LOGS}/finetune_showo_faid.log",
     shell:
-        "OMP_NUM_THREADS={threads} python -m arrag.cli finetune-showo-faid --backbone {input.backbone:q}"
-        " --images {input.images:q} --tokens {input.tokens:q} --index {input.index:q} --hops {params.hops} --num-blenders {params.m}"
-        " --k {params.k} --max-images {params.images} --noise-draws {params.draws} --caption-dropout {params.dropout} --out {output:q}"
+        "OMP_NUM_THREADS={threads} {params.launch:q} finetune-showo-faid --backbone {input.backbone:q}"
+        " {params.tokenizers:q} --images {input.images:q} --tokens {input.tokens:q} --index {input.index:q}"
+        " --hops {params.hops} --num-blenders {params.m} --k {params.k} --max-images {params.images}"
+        " --noise-draws {params.draws} --caption-dropout {params.dropout} --out {output:q}"
         " --checkpoint {params.checkpoint:q} --device {params.device} {params.tuning:q} --seed {params.seed}"
         " > {log:q} 2>&1"
+
+
+if not SHAPES:
+
+    rule encode_patches_showo:
+        """MAGVIT-v2 token grids of one shard of the database images, for Show-o's O index."""
+        input:
+            images=DATABASE_IMAGES,
+            vq=SHOWO_TOKENIZERS["tokenizer"],
+            exclusions=f"{R}/index/exclusions.json",
+        output:
+            f"{R}/index_showo/shards/{{shard}}.npz",
+        params:
+            shards=INDEX["shards"],
+            size=SHOWO["image_size"],
+            hops=SHOWO["index"]["hops"],
+            edge=SHOWO["index"]["edge_policy"],
+            batch_size=INDEX["batch_size"],
+        resources:
+            gpu=1,
+        priority: CHAIN_PRIORITY
+        conda:
+            MAIN_ENV
+        log:
+            f"{LOGS}/encode_patches_showo/{{shard}}.log",
+        shell:
+            "OMP_NUM_THREADS={threads} python -m arrag.cli encode-patches --images {input.images:q} --vq {input.vq:q}"
+            " --image-size {params.size} --exclusions {input.exclusions:q} --shard {wildcards.shard}"
+            " --shards {params.shards} --neighbourhood O --hops {params.hops} --key-space codebook"
+            " --edge-policy {params.edge} --batch-size {params.batch_size} --out {output:q} > {log:q} 2>&1"
+
+    rule tokenize_split_showo:
+        """MAGVIT-v2 tokens of the fine-tuning images, for FAiD on Show-o."""
+        input:
+            images=FINETUNE_IMAGES,
+            vq=SHOWO_TOKENIZERS["tokenizer"],
+        output:
+            SHOWO_TOKENS,
+        params:
+            size=SHOWO["image_size"],
+            device=config["device"],
+        threads: 2
+        resources:
+            gpu=1,
+        priority: CHAIN_PRIORITY
+        conda:
+            MAIN_ENV
+        log:
+            f"{LOGS}/tokenize_split_showo.log",
+        shell:
+            "OMP_NUM_THREADS={threads} python -m arrag.cli tokenize --images {input.images:q} --vq {input.vq:q}"
+            " --size {params.size} --device {params.device} --out {output:q} > {log:q} 2>&1"
