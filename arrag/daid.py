@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from arrag.patchdb.fingerprint import Fingerprint
-from arrag.patchdb.index import MemoisedRetriever, PatchIndex
+from arrag.patchdb.index import PatchIndex
 
 
 def merge_distributions(p_model: torch.Tensor, tokens: torch.Tensor, distances: torch.Tensor, tau: float,
@@ -62,9 +62,6 @@ class DAiDHook:
     halves share the query (it depends only on generated tokens), so retrieval runs once per image.
     Positions the index's edge policy leaves without a usable neighbourhood keep the model's distribution.
 
-    Retrievals go through a `MemoisedRetriever`: a step searches only the neighbour-token tuples not met earlier
-    in the same `generate_tokens` call, in one index call for the batch.
-
     With `overlap` the search of step t starts in a worker thread when the loop announces the step
     (`prefetch`), so it runs while the model computes step t's forward; the result is the same either way.
     That pays when the forward leaves the interpreter free, as a GPU forward does while the host waits for
@@ -75,7 +72,6 @@ class DAiDHook:
 
     def __init__(self, index: PatchIndex, settings: DAiDSettings, overlap: bool = False):
         self.index, self.settings, self.seconds = index, settings, 0.0
-        self.retriever = MemoisedRetriever(index, settings.k, settings.unique)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="daid") if overlap else None
         self._pending: tuple[int, Future] | None = None
         if overlap:  # the decode loop calls `prefetch` only when the hook has one: nothing to do per step otherwise
@@ -83,7 +79,7 @@ class DAiDHook:
 
     def _retrieve(self, tokens: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         started = time.perf_counter()
-        found = self.retriever(tokens, step)
+        found = self.index.retrieve(tokens, step, self.settings.k, self.settings.unique)
         self.seconds += time.perf_counter() - started
         return found
 

@@ -17,13 +17,12 @@ them alike; the figure of merit is the ratio of median seconds per image to vani
 * ``shapes``: the given trained backbone / index / FAiD weights, or random ones of the demo's size (hidden 256,
   4 layers, 8 x 8 tokens, 512 codes) with an index over random grids.
 
-DAiD: k = 2048 distinct tokens at Janus scale (the official value) and codebook / 8 at Shapes scale, lambda 0.3, tau
-1 (``daid_memo_searched_share``: the share of positions whose neighbour tokens were new within their image; the
-others are memoised, see `DAiDHook`); ``daid_overlap`` runs each step's search in a worker thread during that step's
-forward (what the CLI does on CUDA), ``daid`` runs it after the forward (the CPU default). FAiD: hops 12, m 2, k 10
-(official), random blender weights unless --faid is given (the cost does not depend on trained values); the fast
-path with the composed kernels and the token table. The time FAiD spends preparing those caches (once per loaded
-model) is reported apart. Parameter counts: the base model, and what FAiD fine-tunes with the paper's settings
+DAiD: k = 2048 distinct tokens at Janus scale (the official value) and codebook / 8 at Shapes scale, lambda
+0.3, tau 1; ``daid_overlap`` runs each step's search in a worker thread during that step's forward (what the
+CLI does on CUDA), ``daid`` runs it after the forward (the CPU default). FAiD: hops 12, m 2, k 10 (official),
+random blender weights unless --faid is given (the cost does not depend on trained values); the fast path with
+the composed kernels and the token table. The time FAiD spends preparing those caches (once per loaded model)
+is reported apart. Parameter counts: the base model, and what FAiD fine-tunes with the paper's settings
 (blenders, LoRA r = 128 on q/v, generation head).
 """
 
@@ -156,7 +155,6 @@ def main() -> None:
         "retrieval_share_of_time": {"daid": round(daid.seconds / total["daid"], 4),
                                     "daid_overlap": round(daid_overlap.seconds / total["daid_overlap"], 4),
                                     "faid": round(faid.retrieval_seconds / total["faid"], 4)},
-        "daid_memo_searched_share": round(daid.retriever.searched / max(1, daid.retriever.positions), 4),
         "setup_seconds": {"backbone": round(build_seconds, 1), "index": round(index_seconds, 1),
                           "faid_caches": round(faid_prepare_seconds, 1)},
     }))

@@ -114,25 +114,6 @@ def test_overlapped_retrieval_gives_the_same_tokens(setup):
     assert overlapped._pending is None  # every prefetched search was consumed by its step
 
 
-def test_memoised_retrieval_equals_one_search_per_position(setup):
-    from arrag.daid import DAiDHook, DAiDSettings, load_index_for
-
-    backbone, indexes = setup
-    tokens = generate(backbone)  # [3, N]
-    for policy in ("zero", "skip"):
-        index = load_index_for(backbone.vq, indexes[policy])
-        hook = DAiDHook(index, DAiDSettings(k=5, tau=1.0, lam=0.5))
-        for step in range(tokens.shape[1]):
-            got, want = hook._retrieve(tokens[:, :step], step), index.retrieve(tokens[:, :step], step, 5, True)
-            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (policy, step)
-        assert 0 < hook.retriever.searched <= hook.retriever.positions
-        if policy == "zero":
-            assert hook.retriever.searched < hook.retriever.positions  # tuples repeat (no neighbour at step 0)
-            searched = hook.retriever.searched
-            hook._retrieve(tokens[:, :0], 0)  # step 0: a new generation, the memo starts empty
-            assert hook.retriever.searched == searched + 1
-
-
 def test_lambda_one_samples_only_retrieved_tokens(setup):
     from arrag.daid import DAiDHook, DAiDSettings, load_index_for
 

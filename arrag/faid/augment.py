@@ -144,12 +144,8 @@ class FAiD(nn.Module):
 
 def index_retriever(index, k: int) -> Callable[[torch.Tensor, int], torch.Tensor]:
     """retrieve(tokens [B, t], t) -> [B, k] tokens from a `PatchIndex` (k nearest patches, duplicates kept as
-    the official code), memoised within each decode (`MemoisedRetriever`)."""
-    from arrag.patchdb.index import MemoisedRetriever
-
-    memo = MemoisedRetriever(index, k, unique=False)
-
+    the official code)."""
     def retrieve(tokens: torch.Tensor, step: int) -> torch.Tensor:
-        return memo(tokens, step)[0]
+        return index.retrieve(tokens, step, k, unique=False)[0]
 
     return retrieve

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from arrag.patchdb.fingerprint import Fingerprint, read_metadata
-from arrag.patchdb.neighbourhood import KeySpec, grid_queries, query_tokens, query_vectors, token_vectors
+from arrag.patchdb.neighbourhood import KeySpec, grid_queries, query_vectors
 from arrag.patchdb.token_index import TokenStore
 
 INDEX_TYPES = ("flat", "ivfpq", "tokens")
@@ -238,43 +238,3 @@ class PatchIndex:
             result.append((self.sources[int(self.image_source[image])], str(self.image_ids[image]),
                            *divmod(position, self.grid)))
         return result
-
-
-class MemoisedRetriever:
-    """`PatchIndex.retrieve` for the steps of one decode loop, memoised by the query's neighbour tokens.
-
-    The query of a position is a function of its neighbours' tokens, so equal token tuples get the same top-k: a
-    step searches only the tuples not met earlier in the same decode (one index call for the batch) and takes the
-    others from the memo. The memo starts empty at step 0, so an image's retrievals depend on its micro-batch
-    alone, never on what the process decoded before (resuming and sharding give the same images); it is also
-    emptied when it would hold more than `max_bytes` of results. `searched` / `positions` count the tuples
-    searched and the positions answered (Shapes images, with their flat backgrounds, repeat most tuples).
-    """
-
-    def __init__(self, index: PatchIndex, k: int, unique: bool, max_bytes: int = 2**28):
-        self.index, self.k, self.unique = index, k, unique
-        self.searched = self.positions = 0
-        self._memo: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._limit = max(1, max_bytes // (12 * k))  # entries of k long tokens + k float32 distances
-
-    def __call__(self, tokens: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens [B, t] generated so far -> (top-k tokens [B, k] long, distances [B, k]) for raster position
-        `step`, as `PatchIndex.retrieve`; -1 / inf throughout where the edge policy stores no key."""
-        slot_tokens, usable = query_tokens(tokens.cpu(), step, self.index.grid, self.index.spec)  # [B, S]
-        batch = len(slot_tokens)
-        if not usable:
-            return torch.full((batch, self.k), -1, dtype=torch.long), torch.full((batch, self.k), float("inf"))
-        if step == 0:
-            self._memo.clear()
-        keys = [tuple(row) for row in slot_tokens.tolist()]
-        new = list(dict.fromkeys(key for key in keys if key not in self._memo))
-        if new:
-            if len(self._memo) + len(new) > self._limit:
-                self._memo.clear()
-                new = list(dict.fromkeys(keys))
-            vectors = token_vectors(torch.tensor(new), self.index.codebook).flatten(1)
-            found, distances = self.index.search(vectors, self.k, self.unique)
-            self._memo.update(zip(new, zip(found, distances, strict=True), strict=True))
-        self.searched, self.positions = self.searched + len(new), self.positions + batch
-        rows = [self._memo[key] for key in keys]
-        return torch.stack([row[0] for row in rows]), torch.stack([row[1] for row in rows])

@@ -134,17 +134,11 @@ def query_vectors(tokens: torch.Tensor, step: int, grid: int, codebook: torch.Te
     float32, usable [B] bool). Neighbours outside the grid, at positions >= t, or MISSING are zero vectors;
     `usable` is False where the `skip` edge policy stores no key for this position (then do not retrieve).
     """
-    slot_tokens, usable = query_tokens(tokens, step, grid, spec)
-    return token_vectors(slot_tokens, codebook).flatten(1), torch.full((len(tokens),), usable, dtype=torch.bool)
-
-
-def query_tokens(tokens: torch.Tensor, step: int, grid: int, spec: KeySpec) -> tuple[torch.Tensor, bool]:
-    """The token tuples behind `query_vectors`: tokens [B, t] -> (neighbour tokens [B, slots] long, MISSING where
-    unknown or outside the grid; whether the edge policy stores a key for this position)."""
     slots, positions, inside = query_cells(step, grid, spec, tokens.shape[1])
     slot_tokens = torch.full((tokens.shape[0], spec.slots), MISSING, dtype=torch.long)
     slot_tokens[:, slots] = tokens[:, positions].long().cpu()
-    return slot_tokens, inside or spec.edge_policy == "zero"
+    usable = torch.full((tokens.shape[0],), inside or spec.edge_policy == "zero", dtype=torch.bool)
+    return token_vectors(slot_tokens, codebook).flatten(1), usable
 
 
 @lru_cache(maxsize=4096)
