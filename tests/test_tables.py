@@ -180,6 +180,18 @@ def test_table4_timings_and_overhead_from_generation_records(run_dir, tmp_path):
     assert racm3["group"] == "Not in the paper's table" and racm3["total_seconds"] == MISSING
 
 
+def test_table4_show_o_rows_time_the_mjhq_style_benchmark(run_dir, tmp_path):
+    for method, variant, seconds in (("showo", "default", 20.0), ("showo_daid", "lam0.1_tau0.5", 25.0)):
+        write(run_dir, f"generated/mjhq/{method}/{variant}/record.json",
+              {"generation_seconds": seconds, "images_timed": 50, "device": "cpu"})
+    methods = {**METHODS, "showo": "default", "showo_daid": "lam0.1_tau0.5"}
+    render_tables(RunSpec(run_dir, "shapes", methods, **GRIDS), tmp_path / "tables")
+    table4 = rows_of(tmp_path / "tables", "table4_time")
+    showo, daid = (find(table4, name, "this run (Shapes world)") for name in ("Show-o", "Show-o + DAiD"))
+    assert float(showo["seconds_per_image"]) == pytest.approx(0.4) and "(MJHQ-style only)" in showo["note"]
+    assert float(daid["overhead_percent"]) == pytest.approx(25.0)
+
+
 def test_figure7_heatmaps_and_provenance(run_dir, tmp_path):
     out = tmp_path / "tables"
     render_tables(RunSpec(run_dir, "shapes", METHODS, **GRIDS), out)
