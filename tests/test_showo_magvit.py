@@ -63,6 +63,11 @@ def test_load_vq_finds_magvit2_and_the_vq_functions_take_it(world):
     assert torch.equal(nearest, tokens)
 
 
+def test_a_missing_tokenizer_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"image tokenizer '{tmp_path}': neither a local folder"):
+        load_vq(tmp_path)
+
+
 def test_database_and_split_tokens_are_magvit2_tokens(world):
     vq = load_vq(world / "magvit", image_size=16)
     _, _, files = finetune_pairs(world / "train")

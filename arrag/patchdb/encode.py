@@ -47,8 +47,12 @@ def load_vq(source: str | Path, revision: str | None = None, image_size: int | N
     from arrag.models.magvit2 import load_magvit2
 
     local = Path(source) / "config.json"
-    config = json.loads((local if local.is_file() else Path(hf_hub_download(str(source), "config.json",
-                                                                               revision=revision))).read_text())
+    try:
+        path = local if local.is_file() else Path(hf_hub_download(str(source), "config.json", revision=revision))
+    except Exception as err:  # offline, unknown repo or revision, or a folder without config.json
+        raise FileNotFoundError(f"image tokenizer {str(source)!r}: neither a local folder with config.json nor a "
+                                f"reachable Hugging Face repo (revision {revision!r})") from err
+    config = json.loads(path.read_text())
     if config.get("_class_name") == "MAGVITv2":
         return load_magvit2(str(source), revision, dtype=torch.float32, image_size=image_size)
     model_type = config.get("model_type")
