@@ -353,8 +353,7 @@ def finetune_masked_faid(showo_dir: str | Path, train_dir: str | Path, index_pat
     by config.seed); then the loop shared with the autoregressive FAiD. The images' tokens come from
     `tokens_file` when given, else are encoded here; the tokenizer is `tokenizer` (paper scale: MAGVIT-v2) or the
     Shapes VQ beside the backbone (`load_showo_tokenizer`), the text tokenizer `text_tokenizer` when given (see
-    `load_showo`). Writes `out_dir` (adapter, faid.json, metrics.json);
-    returns the metrics."""
+    `load_showo`). Writes `out_dir` (adapter, faid.json, metrics.json); returns the metrics."""
     from arrag.daid import load_index_for
 
     backbone = load_showo(str(showo_dir), device=device, tokenizer_source=text_tokenizer)

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from showo_cli import generate_every_method
 from transformers import JanusVQVAE
 
 from arrag.cli import main
@@ -89,18 +90,10 @@ def test_faid_finetune_and_generation_take_the_tokenizer(world, tmp_path):
                  "--k", "3", "--out", str(tmp_path / "faid"), "--checkpoint", str(tmp_path / "faid_ckpt"),
                  "--epochs", "1", "--global-batch", "4", "--micro-batch", "2", "--lora-rank", "2", "--lora-alpha",
                  "4", "--device", "cpu", *tokenizer]) == 0
-    pngs = {}
-    for method, variant, extra in (("showo", "default", []), ("showo_daid", "lam1.0_tau1.0", ["--index", index]),
-                                   ("showo_faid", "default", ["--index", index, "--weights", str(tmp_path / "faid")])):
-        images = tmp_path / method / "images"
-        assert main(["generate", "--benchmark", "mjhq", "--prompts", str(world / "meta_data.json"), "--method",
-                     method, "--variant", variant, "--backbone", str(world / "showo"), "--device", "cpu",
-                     "--micro-batch", "2", "--maskgit-steps", "4", "--guidance-scale", "2", "--daid-k", "4",
-                     "--images", str(images), "--record", str(tmp_path / method / "record.json"), *tokenizer,
-                     *extra]) == 0
-        files = sorted(images.rglob("*.png"))
+    generated = generate_every_method(world, tmp_path, index, tmp_path / "faid", *tokenizer)
+    for _, files in generated.values():
         assert [p.name for p in files] == ["p0.png", "p1.png", "p2.png"]
-        pngs[method] = [p.read_bytes() for p in files]
+    pngs = {method: [p.read_bytes() for p in files] for method, (_, files) in generated.items()}
     assert pngs["showo_daid"] != pngs["showo"]  # lambda 1: the final half decides retrieved tokens
 
 

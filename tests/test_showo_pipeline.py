@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from showo_cli import generate_every_method
 from transformers import JanusVQVAE
 
 from arrag.cli import main
@@ -49,19 +50,11 @@ def test_faid_finetune_and_every_method_generates(world, tmp_path):
     metrics = json.loads((tmp_path / "faid" / "metrics.json").read_text())
     assert metrics["images"] == 4 and metrics["examples"] == 8 and metrics["optimizer_steps"] == 2
     assert 0 < metrics["masked_fraction"] <= 1
-    pngs, index = {}, str(world / "index_o" / "index.tokens")
-    for method, variant, extra in (("showo", "default", []), ("showo_daid", "lam1.0_tau1.0", ["--index", index]),
-                                   ("showo_faid", "default", ["--index", index, "--weights", str(tmp_path / "faid")])):
-        images = tmp_path / method / "images"
-        assert main(["generate", "--benchmark", "mjhq", "--prompts", str(world / "meta_data.json"), "--method",
-                     method, "--variant", variant, "--backbone", str(world / "showo"), "--device", "cpu",
-                     "--micro-batch", "2", "--maskgit-steps", "4", "--guidance-scale", "2", "--daid-k", "4",
-                     "--images", str(images), "--record", str(tmp_path / method / "record.json"), *extra]) == 0
-        record = json.loads((tmp_path / method / "record.json").read_text())
-        assert record["images_generated"] == 3 and sorted(p.name for p in images.rglob("*.png")) == [
-            "p0.png", "p1.png", "p2.png"]
-        pngs[method] = [p.read_bytes() for p in sorted(images.rglob("*.png"))]
-    assert record["method_settings"]["weights"] == str(tmp_path / "faid")
+    generated = generate_every_method(world, tmp_path, str(world / "index_o" / "index.tokens"), tmp_path / "faid")
+    for record, files in generated.values():
+        assert record["images_generated"] == 3 and [p.name for p in files] == ["p0.png", "p1.png", "p2.png"]
+    assert generated["showo_faid"][0]["method_settings"]["weights"] == str(tmp_path / "faid")
+    pngs = {method: [p.read_bytes() for p in files] for method, (_, files) in generated.items()}
     assert pngs["showo_daid"] != pngs["showo"]  # lambda 1: the final half decides retrieved tokens
 
 

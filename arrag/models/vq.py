@@ -26,6 +26,11 @@ from torch import nn
 from arrag.models import magvit2
 
 
+def is_magvit2(vq_model: nn.Module) -> bool:
+    """Whether the tokenizer is Show-o's MAGVIT-v2 (else a JanusVQVAE)."""
+    return isinstance(vq_model, magvit2.Magvit2)
+
+
 def codebook_vectors(vq_model: nn.Module, normalized: bool = True) -> torch.Tensor:
     """The codebook [V, d], L2-normalised per code when `normalized` (MAGVIT-v2: its LFQ vectors, all of one norm,
     so nearest codes do not change)."""
@@ -41,11 +46,6 @@ def encode_latents(vq_model: nn.Module, images: torch.Tensor, l2_normalized: boo
         images = images.to(vq_model.quant_conv.weight.dtype)
         z = vq_model.quant_conv(vq_model.encoder(images)).permute(0, 2, 3, 1)
     return F.normalize(z, dim=-1) if l2_normalized else z
-
-
-def is_magvit2(vq_model: nn.Module) -> bool:
-    """Whether the tokenizer is Show-o's MAGVIT-v2 (else a JanusVQVAE)."""
-    return isinstance(vq_model, magvit2.Magvit2)
 
 
 def nearest_codes(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
