@@ -35,14 +35,11 @@ def merge_distributions(p_model: torch.Tensor, tokens: torch.Tensor, distances: 
     valid token returns p_model unchanged.
     """
     valid = tokens >= 0
-    logits = (-distances.double() / tau).masked_fill(~valid, float("-inf"))
-    usable = valid.any(dim=-1, keepdim=True)  # [B, 1]
-    logits = logits.masked_fill(~usable, 0.0)  # rows without a valid token: any finite values, unused below
-    weights = torch.softmax(logits, dim=-1).masked_fill(~valid, 0.0)
-    p_retrieval = torch.zeros(p_model.shape, dtype=torch.float64, device=p_model.device)
-    p_retrieval.scatter_add_(1, tokens.clamp(min=0), weights)
-    merged = ((1.0 - lam) * p_model.double() + lam * p_retrieval).to(p_model.dtype)
-    return torch.where(usable, merged, p_model)
+    logits = torch.where(valid, distances.double() / -tau, float("-inf"))
+    weights = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # a row without a valid token: NaN -> 0
+    merged = p_model.double() * (1.0 - lam)
+    merged.scatter_add_(1, tokens.clamp(min=0), weights * lam)
+    return torch.where(valid.any(dim=-1, keepdim=True), merged.to(p_model.dtype), p_model)
 
 
 @dataclass(frozen=True)
@@ -64,10 +61,10 @@ class DAiDHook:
 
     With `overlap` the search of step t starts in a worker thread when the loop announces the step
     (`prefetch`), so it runs while the model computes step t's forward; the result is the same either way.
-    That pays when the forward leaves the interpreter free, as a GPU forward does while the host waits for
-    it; on CPU both threads need the GIL for their many small operations: `benchmarks/decode_overhead.py` at
-    Shapes scale, batch 1, measured +26 % (overlap) vs +28 % (serial) on a quiet machine and the overlap slower
-    on a loaded one, so the CLI overlaps on CUDA only.
+    That pays when the forward leaves the host's cores free, as a GPU forward does while the host waits for
+    it (the tokens index searches without the GIL); on CPU the forward already uses every core:
+    `benchmarks/decode_overhead.py` at Shapes scale, batch 1, 2 cores, measured a median of +18 % (overlap)
+    against +14 % (serial) over six runs, so the CLI overlaps on CUDA only.
     `seconds` accumulates the time spent retrieving (in whichever thread), for the generation record."""
 
     def __init__(self, index: PatchIndex, settings: DAiDSettings, overlap: bool = False):

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from arrag.patchdb.fingerprint import Fingerprint, read_metadata
-from arrag.patchdb.neighbourhood import KeySpec, grid_queries, query_vectors
+from arrag.patchdb.neighbourhood import KeySpec, grid_queries, query_cells, query_vectors
 from arrag.patchdb.token_index import TokenStore
 
 INDEX_TYPES = ("flat", "ivfpq", "tokens")
@@ -152,16 +152,13 @@ class PatchIndex:
     def retrieve(self, tokens: torch.Tensor, step: int, k: int, unique: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """One generation step for a batch: tokens [B, t] generated so far -> (top-k tokens [B, k] long,
-        distances [B, k]) for raster position `step`, one search for all rows; rows the edge policy leaves
-        without a usable key get -1 / inf throughout."""
-        queries, usable = self.queries(tokens.cpu(), step)
-        if usable.all():
-            return self.search(queries, k, unique)
-        retrieved = torch.full((len(tokens), k), -1, dtype=torch.long)
-        distances = torch.full((len(tokens), k), float("inf"))
-        if usable.any():
-            retrieved[usable], distances[usable] = self.search(queries[usable], k, unique)
-        return retrieved, distances
+        distances [B, k]) for raster position `step`, one search for all rows; where the edge policy leaves
+        the position without a usable key (the same for every row), -1 / inf throughout."""
+        if self.spec.edge_policy == "skip" and not query_cells(step, self.grid, self.spec, tokens.shape[1])[2]:
+            return torch.full((len(tokens), k), -1, dtype=torch.long), torch.full((len(tokens), k), float("inf"))
+        if unique and isinstance(self.backend, TokenStore):
+            return self.backend.nearest_distinct_at(tokens, step, self.grid, k)
+        return self.search(self.queries(tokens, step)[0], k, unique)
 
     def grid_queries(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forcing queries of whole grids: tokens [B, h, w] -> ([B, h * w, D], usable [h * w])."""

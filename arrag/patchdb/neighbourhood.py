@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
+import numpy as np
 import torch
 
 NEIGHBOURHOODS = ("L", "O")
@@ -93,11 +94,15 @@ def neighbours(values: torch.Tensor, spec: KeySpec, fill: float | int) -> torch.
     return torch.stack([padded[:, n + dr:n + dr + h, n + dc:n + dc + w] for dr, dc in spec.offsets], dim=3)
 
 
+def vector_table(codebook: torch.Tensor) -> torch.Tensor:
+    """[V + 1, d] float32 on CPU: the codebook, then the zero vector, which MISSING (-1) tokens index as row -1."""
+    codebook = codebook.detach().float().cpu()
+    return torch.cat([codebook, codebook.new_zeros(1, codebook.shape[1])])
+
+
 def token_vectors(tokens: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Codebook vectors of tokens [...] -> [..., d] float32; MISSING (-1) tokens give zero vectors."""
-    table = torch.cat([codebook.detach().float().cpu(), codebook.new_zeros(1, codebook.shape[1]).float().cpu()])
-    index = torch.where(tokens < 0, len(codebook), tokens).long().cpu()
-    return table[index]
+    return vector_table(codebook)[tokens.long().cpu()]
 
 
 def codebook_keys(tokens: torch.Tensor, codebook: torch.Tensor, spec: KeySpec) -> torch.Tensor:
@@ -135,16 +140,16 @@ def query_vectors(tokens: torch.Tensor, step: int, grid: int, codebook: torch.Te
     `usable` is False where the `skip` edge policy stores no key for this position (then do not retrieve).
     """
     slots, positions, inside = query_cells(step, grid, spec, tokens.shape[1])
-    slot_tokens = torch.full((tokens.shape[0], spec.slots), MISSING, dtype=torch.long)
-    slot_tokens[:, slots] = tokens[:, positions].long().cpu()
-    usable = torch.full((tokens.shape[0],), inside or spec.edge_policy == "zero", dtype=torch.bool)
-    return token_vectors(slot_tokens, codebook).flatten(1), usable
+    slot_tokens = np.full((len(tokens), spec.slots), MISSING, dtype=np.int64)
+    slot_tokens[:, slots] = tokens.cpu().numpy()[:, positions]
+    usable = torch.full((len(tokens),), inside or spec.edge_policy == "zero")
+    return token_vectors(torch.from_numpy(slot_tokens), codebook).flatten(1), usable
 
 
 @lru_cache(maxsize=4096)
-def query_cells(step: int, grid: int, spec: KeySpec, known: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def query_cells(step: int, grid: int, spec: KeySpec, known: int) -> tuple[np.ndarray, np.ndarray, bool]:
     """For raster position `step` with tokens 0 .. known-1 known: the slots whose neighbour is known, those
-    neighbours' raster positions (long tensors), and whether every neighbour cell lies inside the grid."""
+    neighbours' raster positions (int64 arrays), and whether every neighbour cell lies inside the grid."""
     row, col = divmod(step, grid)
     slots, positions, inside = [], [], True
     for slot, (dr, dc) in enumerate(spec.offsets):
@@ -154,4 +159,4 @@ def query_cells(step: int, grid: int, spec: KeySpec, known: int) -> tuple[torch.
         elif r * grid + c < known:
             slots.append(slot)
             positions.append(r * grid + c)
-    return torch.tensor(slots, dtype=torch.long), torch.tensor(positions, dtype=torch.long), inside
+    return np.array(slots, dtype=np.int64), np.array(positions, dtype=np.int64), inside

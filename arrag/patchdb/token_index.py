@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from arrag.patchdb.neighbourhood import KeySpec
+from arrag.patchdb import scan
+from arrag.patchdb.neighbourhood import KeySpec, vector_table
 
 INF = float("inf")
 FIRST_RUN = 1 << 15  # flag bit of run_tokens
@@ -123,14 +124,14 @@ class TokenStore:
         self._key_start = torch.from_numpy(np.append(np.flatnonzero(first_run), len(self.run_tokens)))
         self._run_start = torch.from_numpy(np.concatenate([[0], np.cumsum(self.run_counts, dtype=np.int64)]))
         self._patch_ids = torch.from_numpy(self.patch_ids.astype(np.int64))
-        # distinct-token search scans runs list by list: each run's key slots as entries of a flattened [S, V + 1]
-        # distance table (token + slot * (V + 1), V = missing), slot-major [S, R] int32
+        # the distinct-token scan (`arrag.patchdb.scan`) reads each run's key tokens, run-major [R, S]
         keys = unpack_codes(self.codes, code_bits(self.codebook.shape[0]), self.spec.slots)
         key_of_run = np.repeat(np.arange(len(keys)), np.diff(self._key_start.numpy()))
-        slot_offsets = np.arange(self.spec.slots) * (self.codebook.shape[0] + 1)
-        self._run_entries = np.ascontiguousarray((keys[key_of_run] + slot_offsets).T.astype(np.int32))
-        self._list_run_start = self._key_start.numpy()[self.list_start.astype(np.int64)]
-        self._slot_vectors = torch.cat([self.codebook, torch.zeros(1, self.codebook.shape[1])])  # [V + 1, d]
+        run_slots = np.ascontiguousarray(keys[key_of_run].astype(np.uint16))
+        list_run_start = self._key_start.numpy()[self.list_start.astype(np.int64)]
+        self._scan = (vector_table(self.codebook).numpy(), list_run_start, run_slots, self._run_token.numpy())
+        self._offsets = np.array(self.spec.offsets, dtype=np.int64).reshape(-1, 2)
+        self.centroids = np.ascontiguousarray(self.centroids, dtype=np.float32)
         self._index = self._faiss_index()
 
     def _faiss_index(self):
@@ -274,32 +275,21 @@ class TokenStore:
 
     def _nearest_distinct(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The k nearest distinct tokens among the patches of each query's `nprobe` nearest lists: queries
-        [B, S * d] -> (tokens [B, k] long, squared L2 [B, k] float32; -1 / inf past the tokens found).
+        [B, S * d] -> (tokens [B, k] long, squared L2 [B, k] float32; -1 / inf past the tokens found), ordered by
+        distance, ties by token id. Every run (key, token) of the probed lists is scored (`arrag.patchdb.scan`):
+        a run's distance is its key's, the same sum of per-slot distances FAISS's PQ scan computes."""
+        if len(self.codes) == 0:
+            return torch.full((len(queries), k), -1, dtype=torch.long), torch.full((len(queries), k), INF)
+        queries = np.ascontiguousarray(queries.numpy())
+        found = scan.nearest_distinct(queries, self.centroids, self.nprobe, *self._scan, k)
+        return torch.from_numpy(found[0]), torch.from_numpy(found[1])
 
-        Every run (key, token) of the probed lists is scored at once, without a ranked key list: a run's distance
-        is its key's, the sum of the key slots' entries in the query's table of distances to the codebook [S, V + 1]
-        (the same sum FAISS's PQ scan computes), each token keeps its nearest run."""
-        batch, slots, side = len(queries), self.spec.slots, self.codebook.shape[0]
-        tokens = torch.full((batch, k), -1, dtype=torch.long)
-        distances = torch.full((batch, k), INF)
-        if batch == 0 or len(self.codes) == 0:
-            return tokens, distances
-        probes = min(self.nprobe, len(self.centroids))
-        lists = self._quantizer.search(np.ascontiguousarray(queries.numpy()), probes)[1]  # [B, p], p <= nlist
-        run_lo = self._list_run_start[lists].ravel()
-        run_count = self._list_run_start[lists + 1].ravel() - run_lo
-        runs = np.repeat(run_lo - (np.cumsum(run_count) - run_count), run_count) + np.arange(run_count.sum())
-        row_of_run = np.repeat(np.arange(batch), run_count.reshape(batch, probes).sum(1))  # [N]
-        table = (queries.view(batch, slots, 1, -1) - self._slot_vectors).pow(2).sum(-1).numpy()  # [B, S, V + 1]
-        entries = np.take(self._run_entries, runs, axis=1)  # [S, N]
-        if batch > 1:
-            entries = entries + row_of_run * (slots * (side + 1))
-        run_distances = np.take(table.reshape(-1), entries).sum(0)  # [N] (slot-major: numpy sums short rows slowly)
-        best = torch.full((batch * side,), INF)
-        best.scatter_reduce_(0, torch.from_numpy(row_of_run * side + np.take(self._run_token.numpy(), runs)),
-                             torch.from_numpy(run_distances), "amin")
-        nearest, token = best.view(batch, side).topk(min(k, side), largest=False)
-        tokens[:, :nearest.shape[1]] = torch.where(nearest.isfinite(), token, -1)
-        distances[:, :nearest.shape[1]] = nearest
-        return tokens, distances
-
+    def nearest_distinct_at(self, generated: torch.Tensor, step: int, grid: int, k: int
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Generation time: `search(query_vectors(generated, step, grid, ...), k, unique=True)` in one compiled
+        call, the queries built from the tokens generated so far [B, t] (see `arrag.patchdb.scan`)."""
+        if len(self.codes) == 0:
+            return torch.full((len(generated), k), -1, dtype=torch.long), torch.full((len(generated), k), INF)
+        found = scan.nearest_distinct_at(generated.cpu().numpy(), step, grid, self._offsets, self.centroids,
+                                         self.nprobe, *self._scan, k)
+        return torch.from_numpy(found[0]), torch.from_numpy(found[1])
