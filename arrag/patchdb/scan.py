@@ -2,12 +2,15 @@
 
 A run is (key, value token); its distance to a query is its key's, the sum over the key's S slots of the squared
 L2 distance between the query's slot vector and the slot's codebook vector (the zero vector for a missing
-neighbour). Every token keeps its nearest run; the k nearest tokens come out ordered by distance, ties by token id.
+neighbour). Every token keeps its nearest run; the k nearest tokens come out ordered by distance, and equally
+distant tokens by the number of patches at that distance (more first, as among the nearest patches the official
+code deduplicates), then by token id.
 A query probes the `nprobe` IVF lists whose centres are nearest to it (ties: the lower list number).
 
 `arrag.patchdb.token_index.TokenStore` holds the arrays: centroids [L, S * d] float32; slot_vectors [V + 1, d]
 float32 (row V: the zero vector); list_run_start [L + 1] int64, the first run of each list; run_slots [R, S]
-uint16, each run's key tokens (V = missing); run_token [R] int64, each run's value token. This module is the loop
+uint16, each run's key tokens (V = missing); run_token [R] int64, each run's value token; run_counts [R] uint16,
+its patches. This module is the loop
 over them, compiled once per machine (numba's cache) and run without the GIL, so that a search can overlap a
 forward in another thread. At generation time the query is built here too, from the tokens generated so far:
 at batch 1 on CPU a step of the Shapes backbone leaves the caches cold, and every Python-level operation between
@@ -35,7 +38,8 @@ def _list_distances(query, centroids):
 
 
 @numba.njit(cache=True, nogil=True)
-def _search_row(query, centroids, nprobe, slot_vectors, list_run_start, run_slots, run_token, k, tokens, distances):
+def _search_row(query, centroids, nprobe, slot_vectors, list_run_start, run_slots, run_token, run_counts, k, tokens,
+                distances):
     """One query [S * d] -> its k nearest distinct tokens written into tokens [k] / distances [k]."""
     slots, side, dim, lists = run_slots.shape[1], slot_vectors.shape[0], slot_vectors.shape[1], centroids.shape[0]
     list_distances = _list_distances(query, centroids)
@@ -50,6 +54,7 @@ def _search_row(query, centroids, nprobe, slot_vectors, list_run_start, run_slot
                 total += diff * diff
             table[slot, entry] = total
     best = np.full(side - 1, np.inf, dtype=np.float32)
+    patches = np.zeros(side - 1, dtype=np.int64)  # patches of each token at its best distance
     probed = 0
     for number in range(lists):
         if list_distances[number] > nearest or probed == probes:
@@ -62,6 +67,9 @@ def _search_row(query, centroids, nprobe, slot_vectors, list_run_start, run_slot
             token = run_token[run]
             if distance < best[token]:
                 best[token] = distance
+                patches[token] = run_counts[run]
+            elif distance == best[token]:
+                patches[token] += run_counts[run]
     found = 0
     for token in range(side - 1):
         if best[token] < np.inf:
@@ -73,31 +81,33 @@ def _search_row(query, centroids, nprobe, slot_vectors, list_run_start, run_slot
         limit = np.partition(best, k - 1)[k - 1]
     candidates = np.empty(found, dtype=np.int64)
     count = 0
-    for token in range(side - 1):  # ascending token ids, so a stable sort breaks ties by token
+    for token in range(side - 1):  # ascending token ids: stable sorts keep that order among full ties
         if best[token] <= limit and best[token] < np.inf:
             candidates[count] = token
             count += 1
-    order = np.argsort(best[candidates[:count]], kind="mergesort")
+    candidates = candidates[:count]
+    candidates = candidates[np.argsort(-patches[candidates], kind="mergesort")]
+    candidates = candidates[np.argsort(best[candidates], kind="mergesort")]
     for rank in range(min(k, count)):
-        tokens[rank] = candidates[order[rank]]
-        distances[rank] = best[tokens[rank]]
+        tokens[rank] = candidates[rank]
+        distances[rank] = best[candidates[rank]]
 
 
 @numba.njit(cache=True, nogil=True)
-def nearest_distinct(queries, centroids, nprobe, slot_vectors, list_run_start, run_slots, run_token, k):
+def nearest_distinct(queries, centroids, nprobe, slot_vectors, list_run_start, run_slots, run_token, run_counts, k):
     """queries [B, S * d] float32 -> (tokens [B, k] int64, squared L2 [B, k] float32), -1 / inf past the tokens
     found."""
     tokens = np.full((queries.shape[0], k), -1, dtype=np.int64)
     distances = np.full((queries.shape[0], k), np.inf, dtype=np.float32)
     for row in range(queries.shape[0]):
-        _search_row(queries[row], centroids, nprobe, slot_vectors, list_run_start, run_slots, run_token, k,
-                    tokens[row], distances[row])
+        _search_row(queries[row], centroids, nprobe, slot_vectors, list_run_start, run_slots, run_token, run_counts,
+                    k, tokens[row], distances[row])
     return tokens, distances
 
 
 @numba.njit(cache=True, nogil=True)
 def nearest_distinct_at(generated, step, grid, offsets, centroids, nprobe, slot_vectors, list_run_start, run_slots,
-                        run_token, k):
+                        run_token, run_counts, k):
     """`nearest_distinct` of the generation-time queries of raster position `step` (`neighbourhood.query_vectors`):
     generated [B, t] int64 tokens so far (-1 = not generated); offsets [S, 2] int64, the key's (row, column)
     offsets. A neighbour outside the grid, at a position >= t, or -1 is the zero vector."""
@@ -115,6 +125,6 @@ def nearest_distinct_at(generated, step, grid, offsets, centroids, nprobe, slot_
                 token = generated[row, r * grid + c]
             for j in range(dim):
                 query[slot * dim + j] = slot_vectors[token, j]
-        _search_row(query, centroids, nprobe, slot_vectors, list_run_start, run_slots, run_token, k,
+        _search_row(query, centroids, nprobe, slot_vectors, list_run_start, run_slots, run_token, run_counts, k,
                     tokens[row], distances[row])
     return tokens, distances

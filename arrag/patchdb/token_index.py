@@ -129,7 +129,8 @@ class TokenStore:
         key_of_run = np.repeat(np.arange(len(keys)), np.diff(self._key_start.numpy()))
         run_slots = np.ascontiguousarray(keys[key_of_run].astype(np.uint16))
         list_run_start = self._key_start.numpy()[self.list_start.astype(np.int64)]
-        self._scan = (vector_table(self.codebook).numpy(), list_run_start, run_slots, self._run_token.numpy())
+        self._scan = (vector_table(self.codebook).numpy(), list_run_start, run_slots, self._run_token.numpy(),
+                      self.run_counts)
         self._offsets = np.array(self.spec.offsets, dtype=np.int64).reshape(-1, 2)
         self.centroids = np.ascontiguousarray(self.centroids, dtype=np.float32)
         self._index = self._faiss_index()
@@ -276,8 +277,9 @@ class TokenStore:
     def _nearest_distinct(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The k nearest distinct tokens among the patches of each query's `nprobe` nearest lists: queries
         [B, S * d] -> (tokens [B, k] long, squared L2 [B, k] float32; -1 / inf past the tokens found), ordered by
-        distance, ties by token id. Every run (key, token) of the probed lists is scored (`arrag.patchdb.scan`):
-        a run's distance is its key's, the same sum of per-slot distances FAISS's PQ scan computes."""
+        distance, ties: more patches at that distance first, then the lower token id. Every run (key, token) of the
+        probed lists is scored (`arrag.patchdb.scan`): a run's distance is its key's, the same sum of per-slot
+        distances FAISS's PQ scan computes."""
         if len(self.codes) == 0:
             return torch.full((len(queries), k), -1, dtype=torch.long), torch.full((len(queries), k), INF)
         queries = np.ascontiguousarray(queries.numpy())
