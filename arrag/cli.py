@@ -39,6 +39,11 @@ def cmd_train_vq(args: argparse.Namespace) -> None:
     metrics = train_vq(args.images, args.out, args.checkpoint, config, heldout_dir=args.heldout)
     print(f"held-out PSNR {metrics.get('heldout_psnr', float('nan')):.2f} dB after {metrics['steps']} steps "
           f"({metrics['train_seconds']:.0f} s)")
+    if args.min_heldout_psnr and not metrics.get("heldout_psnr", 0.0) >= args.min_heldout_psnr:
+        print(f"train-vq: the held-out PSNR is below --min-heldout-psnr {args.min_heldout_psnr} dB (config "
+              f"shapes_models.vq.min_heldout_psnr; see {args.out / 'metrics.json'} and reconstructions.png): the "
+              "tokenizer would bound every later image; train longer or lower the floor", file=sys.stderr)
+        return 2
 
 
 def cmd_vq_reconstruct(args: argparse.Namespace) -> None:
@@ -464,6 +469,8 @@ def _add_train_vq(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min-heldout-psnr", type=float, default=0.0,
+                        help="fail (exit 2) when the held-out PSNR in dB is below this, with --heldout (0: no floor)")
 
 
 def _add_vq_reconstruct(parser: argparse.ArgumentParser) -> None:

@@ -70,3 +70,17 @@ def test_reconstructions_of_a_split_keep_ids_and_size(images, tmp_path):
     ids = [r["id"] for r in read_annotations(images)][:5]
     assert sorted(p.stem for p in (tmp_path / "recon").iterdir()) == sorted(ids)
     assert Image.open(tmp_path / "recon" / f"{ids[0]}.png").size == (16, 16)
+
+
+def test_the_cli_fails_below_the_configured_psnr_floor(images, tmp_path, capsys):
+    from arrag.cli import main
+
+    common = ["train-vq", "--images", str(images), "--heldout", str(images), "--image-size", "16", "--steps", "2",
+              "--batch-size", "4", "--codebook-size", "16"]
+    assert main([*common, "--out", str(tmp_path / "a"), "--checkpoint", str(tmp_path / "a.pt")]) == 0
+    reached = float(capsys.readouterr().out.split("held-out PSNR ")[1].split(" dB")[0])
+    assert main([*common, "--out", str(tmp_path / "b"), "--checkpoint", str(tmp_path / "b.pt"),
+                 "--min-heldout-psnr", str(reached - 0.5)]) == 0
+    assert main([*common, "--out", str(tmp_path / "c"), "--checkpoint", str(tmp_path / "c.pt"),
+                 "--min-heldout-psnr", str(reached + 0.5)]) == 2
+    assert "shapes_models.vq.min_heldout_psnr" in capsys.readouterr().err

@@ -15,6 +15,7 @@ rule train_shapes_vq:
         batch_size=config["shapes_models"]["vq"]["batch_size"],
         lr=config["shapes_models"]["vq"]["lr"],
         codebook_size=config["shapes_models"]["vq"]["codebook_size"],
+        min_psnr=config["shapes_models"]["vq"]["min_heldout_psnr"],
         seed=config["seed"],
     threads: 2
     priority: CHAIN_PRIORITY
@@ -26,7 +27,7 @@ rule train_shapes_vq:
         "OMP_NUM_THREADS={threads} python -m arrag.cli train-vq --images {input.images:q} --heldout {input.heldout:q} --out {output:q}"
         " --checkpoint {params.checkpoint:q} --image-size {params.size} --steps {params.steps}"
         " --batch-size {params.batch_size} --lr {params.lr} --codebook-size {params.codebook_size}"
-        " --seed {params.seed} > {log:q} 2>&1"
+        " --min-heldout-psnr {params.min_psnr} --seed {params.seed} > {log:q} 2>&1"
 
 
 rule tokenize_split:
