@@ -74,7 +74,8 @@ def get_nprobe(index) -> int | None:
 
 def nearest_distinct(tokens: torch.Tensor, distances: torch.Tensor, k: int, codebook_size: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k nearest distinct tokens of ranked results [B, n] (-1 ignored): ([B, k] long, [B, k] float32)."""
+    """The k nearest distinct tokens of ranked results [B, n] (-1 ignored): ([B, k] long, [B, k] float32); equally
+    distant tokens in no defined order (the tokens index puts the one with more patches first)."""
     rows = torch.arange(len(tokens))[:, None].expand_as(tokens)
     valid = tokens >= 0
     best = torch.full((len(tokens), codebook_size), float("inf"))

@@ -10,11 +10,10 @@ A query probes the `nprobe` IVF lists whose centres are nearest to it (ties: the
 `arrag.patchdb.token_index.TokenStore` holds the arrays: centroids [L, S * d] float32; slot_vectors [V + 1, d]
 float32 (row V: the zero vector); list_run_start [L + 1] int64, the first run of each list; run_slots [R, S]
 uint16, each run's key tokens (V = missing); run_token [R] int64, each run's value token; run_counts [R] uint16,
-its patches. This module is the loop
-over them, compiled once per machine (numba's cache) and run without the GIL, so that a search can overlap a
-forward in another thread. At generation time the query is built here too, from the tokens generated so far:
-at batch 1 on CPU a step of the Shapes backbone leaves the caches cold, and every Python-level operation between
-forwards costs tens of microseconds.
+its patches. This module is the loop over them, compiled once per machine (numba's cache) and run without the GIL,
+so that a search can overlap a forward in another thread. At generation time the query is built here too, from the
+tokens generated so far: at batch 1 on CPU a step of the Shapes backbone leaves the caches cold, and every
+Python-level operation between forwards costs tens of microseconds.
 """
 
 from __future__ import annotations
