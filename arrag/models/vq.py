@@ -55,14 +55,18 @@ def nearest_codes(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return distances.argmin(-1).reshape(z.shape[:-1])
 
 
+def quantize_latents(vq_model: nn.Module, z: torch.Tensor, l2_normalized: bool = True) -> torch.Tensor:
+    """Latents z [B, h, w, d] of `encode_latents` -> token grids [B, h, w]: the nearest code (see the module
+    docstring for the rule); MAGVIT-v2: the LFQ signs of z (normalising z does not change them)."""
+    if is_magvit2(vq_model):
+        return vq_model.quantize.codes(z.permute(0, 3, 1, 2))
+    return nearest_codes(z, codebook_vectors(vq_model, l2_normalized).to(z.dtype))
+
+
 @torch.no_grad()
 def encode_images(vq_model: nn.Module, images: torch.Tensor, l2_normalized: bool = True) -> torch.Tensor:
-    """Images [B, 3, H, W] in [-1, 1] -> token grids [B, h, w] (see the module docstring for the rule; MAGVIT-v2:
-    its LFQ signs)."""
-    if is_magvit2(vq_model):
-        return magvit2.encode_images(vq_model, images)
-    z = encode_latents(vq_model, images, l2_normalized)
-    return nearest_codes(z, codebook_vectors(vq_model, l2_normalized))
+    """Images [B, 3, H, W] in [-1, 1] -> token grids [B, h, w] (`encode_latents`, then `quantize_latents`)."""
+    return quantize_latents(vq_model, encode_latents(vq_model, images, l2_normalized), l2_normalized)
 
 
 @torch.no_grad()

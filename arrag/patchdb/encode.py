@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from arrag.models.vq import codebook_vectors, encode_latents, is_magvit2, nearest_codes
+from arrag.models.vq import codebook_vectors, encode_latents, is_magvit2, quantize_latents
 from arrag.patchdb.fingerprint import Fingerprint
 from arrag.patchdb.neighbourhood import KeySpec
 from arrag.patchdb.sources import Exclusions, ImageSource, decode_image, held_out
@@ -131,9 +131,7 @@ def encode_images(vq: nn.Module, images: list[bytes], batch_size: int = 64, with
     for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", mininterval=5, disable=not desc):
         batch = [decode_image(data, size) for data in images[start:start + batch_size]]
         z = encode_latents(vq, to_model_input(batch).to(device), l2_normalized=True).float()  # [B, h, w, d]
-        codes = (vq.quantize.codes(z.permute(0, 3, 1, 2)) if is_magvit2(vq)  # LFQ: the signs of z
-                 else nearest_codes(z, codebook.to(z.device)))
-        tokens[start:start + len(batch)] = codes.cpu().numpy()
+        tokens[start:start + len(batch)] = quantize_latents(vq, z).cpu().numpy()
         if latents is not None:
             latents[start:start + len(batch)] = z.cpu().numpy()
     return tokens, latents
