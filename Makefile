@@ -9,7 +9,7 @@ CORES ?= 2
 # Commands the workflow's rules call (arrag, python -m evaluators) come from the virtual environment.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install demo test lint dry-run clean-demo
+.PHONY: install demo test lint dry-run portability clean-demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check arrag evaluators tests benchmarks
 	$(BIN)/snakemake --lint --configfile config/demo.yaml
+
+# The suite at 1, 2 and 4 threads, natively and on an emulated AVX2-only CPU, in a fresh clone of HEAD (about an
+# hour on 2 cores); run it before submitting a change that touches numerics or tests.
+portability:
+	$(PYTHON) benchmarks/portability.py
 
 dry-run: $(STAMP)
 	for c in demo ci config; do $(BIN)/snakemake everything -n -q --configfile config/$$c.yaml || exit 1; done

@@ -82,12 +82,28 @@ def load_dpg_questions(path: str | Path) -> dict[str, list[dict]]:
     return questions
 
 
+def check_plain_name(name: object, what: str, where: str) -> None:
+    """A benchmark's id or category names an output file or folder: one plain path component, so that no entry
+    can write outside the output folder ('../x', '/x') or over it ('', '.')."""
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        raise ValueError(f"{where}: {what} {name!r} is not a plain name (it names an output file: no '/', '\\', "
+                         "'..' or empty names); fix the entry in this file")
+
+
 def load_mjhq_meta(path: str | Path) -> dict[str, dict]:
+    """{id: {"category", "prompt"}}; ids and categories must be plain names (`check_plain_name`)."""
     path = Path(path)
-    meta = json.loads(Path(path).read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object {{id: {{category, prompt}}}}, got {type(meta).__name__}")
     for key, value in meta.items():
         if not isinstance(value, dict) or "prompt" not in value or "category" not in value:
             raise ValueError(f"{path}: entry {key!r} needs 'category' and 'prompt', got {value!r}")
+        check_plain_name(key, "id", str(path))
+        check_plain_name(value["category"], f"entry {key!r}: category", str(path))
     return meta
 
 

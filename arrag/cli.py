@@ -31,19 +31,35 @@ def cmd_shapes_benchmarks(args: argparse.Namespace) -> None:
     write_benchmarks(args.out, config, sizes, args.heldout, read_annotations(args.heldout))
 
 
-def cmd_train_vq(args: argparse.Namespace) -> None:
+def cmd_train_vq(args: argparse.Namespace) -> int:
     from arrag.training.vq import VQTrainConfig, train_vq
 
+    floors = {"min_heldout_psnr": args.min_heldout_psnr, "min_detector_recall": args.min_detector_recall,
+              "min_color_accuracy": args.min_color_accuracy}
+    if any(floors.values()) and args.heldout is None:
+        raise SystemExit("train-vq: the quality floors (--min-*) are measured on --heldout; give a held-out split")
     config = VQTrainConfig(image_size=args.image_size, grid=args.image_size // 8, codebook_size=args.codebook_size,
-                           steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+                           steps=args.steps, batch_size=args.batch_size, lr=args.lr, object_weight=args.object_weight,
+                           precision=args.precision, seed=args.seed)
     metrics = train_vq(args.images, args.out, args.checkpoint, config, heldout_dir=args.heldout)
-    print(f"held-out PSNR {metrics.get('heldout_psnr', float('nan')):.2f} dB after {metrics['steps']} steps "
-          f"({metrics['train_seconds']:.0f} s)")
-    if args.min_heldout_psnr and not metrics.get("heldout_psnr", 0.0) >= args.min_heldout_psnr:
-        print(f"train-vq: the held-out PSNR is below --min-heldout-psnr {args.min_heldout_psnr} dB (config "
-              f"shapes_models.vq.min_heldout_psnr; see {args.out / 'metrics.json'} and reconstructions.png): the "
-              "tokenizer would bound every later image; train longer or lower the floor", file=sys.stderr)
+    print(f"{metrics['steps']} steps in {metrics['train_seconds']:.0f} s ({metrics['precision']})")
+    if args.heldout is None:
+        return 0
+    detector = metrics["heldout_detector"]
+    measured = {"min_heldout_psnr": metrics["heldout_psnr"], "min_detector_recall": detector["recall"],
+                "min_color_accuracy": detector["color_accuracy"]}
+    print(f"held-out PSNR {metrics['heldout_psnr']:.2f} dB (background-only fill: {metrics['background_psnr']:.2f} dB);"
+          f" Shapes detector on the reconstructions: recall {detector['recall']:.3f}, colour accuracy "
+          f"{detector['color_accuracy']:.3f}, precision {detector['precision']:.3f}")
+    failed = [f"{key} {floors[key]} (measured {measured[key]:.3f})" for key in floors
+              if floors[key] and not measured[key] >= floors[key]]
+    if failed:
+        print(f"train-vq: below the configured floor of shapes_models.vq.{'; '.join(failed)}; see "
+              f"{args.out / 'metrics.json'} and reconstructions.png. The tokenizer bounds every later image: train "
+              "longer or change the VQ settings (the floors and their measured spread are in the README)",
+              file=sys.stderr)
         return 2
+    return 0
 
 
 def cmd_vq_reconstruct(args: argparse.Namespace) -> None:
@@ -69,7 +85,7 @@ def cmd_train_lm(args: argparse.Namespace) -> None:
 
     config = LMTrainConfig(hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads,
                            intermediate_size=args.intermediate_size, steps=args.steps, batch_size=args.batch_size,
-                           lr=args.lr, caption_dropout=args.caption_dropout, seed=args.seed)
+                           lr=args.lr, caption_dropout=args.caption_dropout, precision=args.precision, seed=args.seed)
     metrics = train_lm(args.images, args.vq, args.out, args.checkpoint, config, args.tokens)
     print(f"final loss {metrics['final_loss_last50']:.3f} after {metrics['steps']} steps "
           f"({metrics['train_seconds']:.0f} s, {metrics['trainable_parameters']} trainable parameters)")
@@ -80,7 +96,8 @@ def cmd_train_showo(args: argparse.Namespace) -> None:
 
     config = ShowoTrainConfig(hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads,
                               intermediate_size=args.intermediate_size, steps=args.steps, batch_size=args.batch_size,
-                              lr=args.lr, caption_dropout=args.caption_dropout, seed=args.seed)
+                              lr=args.lr, caption_dropout=args.caption_dropout, precision=args.precision,
+                              seed=args.seed)
     metrics = train_shapes_showo(args.vq, args.images, args.out, config, args.checkpoint, heldout_dir=args.heldout,
                                  sample_guidance=args.guidance_scale, sample_steps=args.maskgit_steps,
                                  tokens_file=args.tokens)
@@ -91,7 +108,7 @@ def cmd_train_clip(args: argparse.Namespace) -> None:
     from arrag.training.clip import ClipTrainConfig, train_clip
 
     config = ClipTrainConfig(image_size=args.image_size, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                             seed=args.seed)
+                             precision=args.precision, seed=args.seed)
     metrics = train_clip(args.images, args.out, args.checkpoint, config, heldout_dir=args.heldout)
     crops = metrics.get("zero_shot", {}).get("crops", {})
     print(f"zero-shot on held-out crops: colour {crops.get('color', float('nan')):.3f}, shape "
@@ -114,7 +131,8 @@ def _finetune_config(args: argparse.Namespace):
     return FinetuneConfig(epochs=args.epochs, global_batch=args.global_batch, micro_batch=args.micro_batch,
                           lr=args.lr, warmup_fraction=args.warmup_fraction, lora_rank=args.lora_rank,
                           lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                          train_generation_head=not args.freeze_generation_head, seed=args.seed)
+                          train_generation_head=not args.freeze_generation_head, precision=args.precision,
+                          seed=args.seed)
 
 
 def _finetune_device(name: str) -> str:
@@ -191,9 +209,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return _generate_showo(args)
     from arrag.generate import generate_shard
     from arrag.models.janus import SamplingConfig, load_backbone
+    from arrag.precision import DTYPES, resolve_precision
 
     device = _device(args.device)
-    backbone = load_backbone(args.backbone, revision=args.revision or None, device=device)
+    dtype = DTYPES[resolve_precision(args.precision, device)]
+    backbone = load_backbone(args.backbone, revision=args.revision or None, dtype=dtype, device=device)
     sampling = SamplingConfig(cfg_weight=args.cfg_weight, temperature=args.temperature, top_k=args.top_k or None,
                               top_p=args.top_p if args.top_p < 1 else None)
     method_inputs, method_settings = None, None
@@ -212,11 +232,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not args.index:
             raise SystemExit("--method daid needs --index (the patch index)")
         values = parse_variant(args.variant, args.selection)
-        settings = DAiDSettings(k=args.daid_k, tau=float(values["tau"]), lam=float(values["lam"]))
+        settings = DAiDSettings(k=args.daid_k, tau=float(values["tau"]), lam=float(values["lam"]),
+                                retrieval=args.daid_retrieval)
         overlap = device.startswith("cuda")  # see DAiDHook: overlapping pays only when the forward runs on a GPU
-        hook = DAiDHook(load_index_for(backbone.vq, args.index), settings, overlap=overlap)
-        method_settings = {"k": settings.k, "tau": settings.tau, "lam": settings.lam, "unique": settings.unique,
-                           "index": str(args.index), "overlap": overlap}
+        index = load_index_for(backbone.vq, args.index)
+        hook = DAiDHook(index, settings, overlap=overlap)
+        method_settings = {"k": settings.k, "tau": settings.tau, "lam": settings.lam, "retrieval": settings.retrieval,
+                           "index": str(args.index), "nprobe": index.nprobe, "overlap": overlap}
 
         def method_inputs(prompts: list[str]) -> dict:
             return {"prob_hook": hook}
@@ -232,15 +254,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
         faid, method_settings = load_faid(backbone, weights, blend_unconditional=args.blend_unconditional)
         index = load_index_for(backbone.vq, args.index)
         modules = faid.decode_modules(backbone, index_retriever(index, faid.settings.k))
-        method_settings["index"] = str(args.index)
+        method_settings.update(index=str(args.index), nprobe=index.nprobe)
 
         def method_inputs(prompts: list[str]) -> dict:
             return {"layer_modules": modules, "blend_unconditional": args.blend_unconditional}
 
     record = generate_shard(backbone, args.benchmark, args.prompts, args.images, args.shard, args.shards, args.seed,
                             sampling, args.micro_batch, args.samples_per_prompt, args.ablation_subset, args.method,
-                            args.variant, method_inputs, method_settings)
+                            args.variant, method_inputs, method_settings, inputs=_generation_inputs(args))
     return _write_generation_record(args, record)
+
+
+def _generation_inputs(args: argparse.Namespace) -> dict[str, str]:
+    """sha256 of the files a generation reads besides the backbone's weights (see `arrag.generate`)."""
+    from arrag.generate import inputs_sha256
+
+    paths = {"weights": args.weights, "index": args.index, "clip_index": args.clip_index, "selection": args.selection,
+             "tokenizer": args.tokenizer, "text_tokenizer": args.text_tokenizer}
+    return inputs_sha256({name: path for name, path in paths.items() if path})
 
 
 def _write_generation_record(args: argparse.Namespace, record: dict) -> int:
@@ -256,10 +287,12 @@ def _generate_showo(args: argparse.Namespace) -> int:
     half of the steps, O-neighbourhood index)."""
     from arrag.generate import generate_shard, tokens_to_images
     from arrag.models.showo import MaskGitSampling, final_half, generate_tokens, load_showo
+    from arrag.precision import DTYPES, resolve_precision
     from arrag.training.showo import load_showo_tokenizer
 
     device = _device(args.device)
     backbone = load_showo(str(args.backbone), revision=args.revision or None, device=device,
+                          dtype=DTYPES[resolve_precision(args.precision, device)],
                           tokenizer_source=args.text_tokenizer or None)
     vq = load_showo_tokenizer(args.backbone, backbone.grid_size, args.tokenizer or None,
                               args.tokenizer_revision or None).to(device)
@@ -273,12 +306,13 @@ def _generate_showo(args: argparse.Namespace) -> int:
         from arrag.masked import MaskedDAiDHook, check_masked_index
 
         values = parse_variant(args.variant, args.selection)
-        settings = DAiDSettings(k=args.daid_k, tau=float(values["tau"]), lam=float(values["lam"]))
+        settings = DAiDSettings(k=args.daid_k, tau=float(values["tau"]), lam=float(values["lam"]),
+                                retrieval=args.daid_retrieval)
         index = load_index_for(vq, args.index)
         check_masked_index(index, backbone.grid_size, backbone.config.codebook_size)
         extra = {"prob_hook": MaskedDAiDHook(index, settings), "hook_steps": final_half(sampling.steps)}
-        method_settings = {"k": settings.k, "tau": settings.tau, "lam": settings.lam, "unique": settings.unique,
-                           "index": str(args.index), "steps": list(final_half(sampling.steps))}
+        method_settings = {"k": settings.k, "tau": settings.tau, "lam": settings.lam, "retrieval": settings.retrieval,
+                           "index": str(args.index), "nprobe": index.nprobe, "steps": list(final_half(sampling.steps))}
     if args.method == "showo_faid":
         from arrag.daid import load_index_for
         from arrag.masked import load_masked_faid, masked_decode_modules
@@ -286,15 +320,17 @@ def _generate_showo(args: argparse.Namespace) -> int:
         if not (args.weights and len(args.weights) == 1):
             raise SystemExit("--method showo_faid needs --weights (one finetune-showo-faid output)")
         faid, method_settings = load_masked_faid(backbone, args.weights[0])
-        extra = {"layer_modules": masked_decode_modules(backbone, faid, load_index_for(vq, args.index))}
-        method_settings["index"] = str(args.index)
+        index = load_index_for(vq, args.index)
+        extra = {"layer_modules": masked_decode_modules(backbone, faid, index)}
+        method_settings.update(index=str(args.index), nprobe=index.nprobe)
 
     def generate_images(prompts: list[str], seeds: list[int]) -> list:
         return tokens_to_images(vq, generate_tokens(backbone, prompts, seeds, sampling, **extra), backbone.grid_size)
 
     record = generate_shard(backbone, args.benchmark, args.prompts, args.images, args.shard, args.shards, args.seed,
                             sampling, args.micro_batch, args.samples_per_prompt, args.ablation_subset, args.method,
-                            args.variant, method_settings=method_settings, generate_images=generate_images)
+                            args.variant, method_settings=method_settings, generate_images=generate_images,
+                            inputs=_generation_inputs(args))
     return _write_generation_record(args, record)
 
 
@@ -374,7 +410,7 @@ def _index_params(args: argparse.Namespace):
     from arrag.patchdb.neighbourhood import KeySpec
 
     params = IndexParams(kind=args.type, nlist=args.nlist, pq_m=args.pq_m, pq_bits=args.pq_bits, nprobe=args.nprobe,
-                         train_size=args.train_size, seed=args.seed)
+                         train_size=args.train_size, seed=args.seed, official_nprobe=args.official_nprobe)
     spec = KeySpec(args.neighbourhood, args.hops, "codebook", args.edge_policy) if args.neighbourhood else None
     return params, spec
 
@@ -467,10 +503,17 @@ def _add_train_vq(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--codebook-size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=900)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
+    _precision_option(parser)
+    parser.add_argument("--object-weight", type=float, default=9.0,
+                        help="reconstruction loss weight 1 + this on object pixels (the split's masks; 0: unweighted)")
     parser.add_argument("--min-heldout-psnr", type=float, default=0.0,
                         help="fail (exit 2) when the held-out PSNR in dB is below this, with --heldout (0: no floor)")
+    parser.add_argument("--min-detector-recall", type=float, default=0.0,
+                        help="fail (exit 2) when the Shapes detector's recall on held-out reconstructions is lower")
+    parser.add_argument("--min-color-accuracy", type=float, default=0.0,
+                        help="fail (exit 2) when its colour accuracy on held-out reconstructions is below this")
 
 
 def _add_vq_reconstruct(parser: argparse.ArgumentParser) -> None:
@@ -478,6 +521,11 @@ def _add_vq_reconstruct(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", required=True, type=Path, help="split folder (images + annotations.jsonl)")
     parser.add_argument("--out", required=True, type=Path, help="folder for <id>.png reconstructions")
     parser.add_argument("--limit", type=int, help="first N images only")
+
+
+def _precision_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="compute precision; auto: bf16 only where the device has native bf16 (arrag.precision)")
 
 
 def _tokens_option(parser: argparse.ArgumentParser) -> None:
@@ -508,6 +556,7 @@ def _add_train_lm(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--caption-dropout", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
+    _precision_option(parser)
 
 
 def _add_train_showo(parser: argparse.ArgumentParser) -> None:
@@ -528,6 +577,7 @@ def _add_train_clip(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
+    _precision_option(parser)
 
 
 def _add_build_clip_index(parser: argparse.ArgumentParser) -> None:
@@ -561,6 +611,7 @@ def _finetune_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-dropout", type=float, default=0.05)
     parser.add_argument("--freeze-generation-head", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    _precision_option(parser)
 
 
 def _add_finetune_racm3(parser: argparse.ArgumentParser) -> None:
@@ -624,6 +675,7 @@ def _add_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revision", default="", help="pinned hub revision (empty: none)")
     _showo_tokenizer_options(parser)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    _precision_option(parser)
     parser.add_argument("--shard", type=int, default=0)
     parser.add_argument("--shards", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -647,6 +699,9 @@ def _add_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", type=Path, help="DAiD / FAiD: the patch index")
     parser.add_argument("--selection", type=Path, help="DAiD / FAiD: the selected ablation values")
     parser.add_argument("--daid-k", type=int, default=2048, help="DAiD: retrieved patches per step")
+    parser.add_argument("--daid-retrieval", default="patches", choices=["patches", "distinct_tokens"],
+                        help="DAiD: the distinct tokens of the k nearest patches (paper, official code) or the k "
+                        "nearest distinct tokens (ours)")
     parser.add_argument("--gather", action="store_true", help="merge the shard records given as arguments")
     parser.add_argument("shard_records", nargs="*", type=Path, help="with --gather: the shard records")
 
@@ -722,8 +777,10 @@ def _add_train_index(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nlist", type=int, default=0, help="inverted lists (0: ivfpq 4 sqrt(P), tokens sqrt(P))")
     parser.add_argument("--pq-m", type=int, default=8, help="ivfpq OPQ / PQ sub-quantisers (official: 8)")
     parser.add_argument("--pq-bits", type=int, default=8, help="ivfpq bits per sub-quantiser code (official: 8)")
-    parser.add_argument("--nprobe", type=int, default=0, help="lists visited per query (0: ivfpq 32 as official, "
-                        "tokens 8)")
+    parser.add_argument("--nprobe", type=int, default=0, help="lists visited per query (ours; 0: ivfpq 32, the value "
+                        "the official retriever passes, tokens 8)")
+    parser.add_argument("--official-nprobe", action="store_true", help="probe 1 list, as the official runs did (their "
+                        "nprobe, set on the OPQ wrapper, never reached the IVF); overrides --nprobe")
     parser.add_argument("--train-size", type=int, default=0, help="training keys (0: ivfpq 100 x nlist, tokens 40)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--neighbourhood", choices=["L", "O"],

@@ -44,6 +44,9 @@ def _describe(error: jsonschema.ValidationError) -> str:
         return f"unknown key(s) {unknown}{parent}; allowed keys: {', '.join(allowed)}"
     if error.validator == "enum":
         return f"'{key}' = {error.instance!r} is not allowed; allowed values: {error.validator_value}"
+    if error.validator == "type":
+        expected = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
+        return f"'{key}' = {error.instance!r} has the wrong type: expected {' or '.join(expected)}"
     if error.validator == "required":
         return f"missing key{' in ' + repr(key) if error.absolute_path else ''}: {error.message}"
     return f"'{key}': {error.message}"

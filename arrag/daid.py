@@ -1,8 +1,9 @@
 """DAiD: distribution augmentation in decoding (paper §3.2, Eq. 2-4), training-free.
 
 At every decoding step the already generated neighbours of the next position form a query (codebook
-vectors of their tokens, the space the index keys live in); the index returns the top-k patches, whose
-tokens get a retrieval distribution over the codebook (softmax of -distance / tau over the retrieved
+vectors of their tokens, the space the index keys live in); the index returns the top-k patches, kept once per
+distinct token at its nearest patch's distance as the official retriever keeps them (`DAiDSettings.retrieval`),
+whose tokens get a retrieval distribution over the codebook (softmax of -distance / tau over the retrieved
 tokens, zero elsewhere; distances as the index returns them, i.e. squared L2), and the model's
 distribution -- after classifier-free guidance and temperature, as the official code mixes -- becomes
 
@@ -42,15 +43,24 @@ def merge_distributions(p_model: torch.Tensor, tokens: torch.Tensor, distances: 
     return torch.where(valid.any(dim=-1, keepdim=True), merged.to(p_model.dtype), p_model)
 
 
+RETRIEVALS = ("patches", "distinct_tokens")
+
+
 @dataclass(frozen=True)
 class DAiDSettings:
-    """k retrieved patches per step (the official code: 2048 with unique-token dedup), retrieval temperature
-    tau and weight lam of Eq. 2-4."""
+    """k, retrieval temperature tau and weight lam of Eq. 2-4, and what the retrieval distribution is made of
+    (`arrag.patchdb.scan`): ``patches`` (the paper and the official code), the distinct tokens of the k nearest
+    patches, each at its nearest patch (official k: 2048); ``distinct_tokens`` (ours, opt-in), the k nearest
+    distinct tokens."""
 
     k: int = 2048
     tau: float = 1.0
     lam: float = 0.3
-    unique: bool = True
+    retrieval: str = "patches"
+
+    def __post_init__(self) -> None:
+        if self.retrieval not in RETRIEVALS:
+            raise ValueError(f"DAiD retrieval {self.retrieval!r}: choose one of {RETRIEVALS}")
 
 
 class DAiDHook:
@@ -76,7 +86,7 @@ class DAiDHook:
 
     def _retrieve(self, tokens: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         started = time.perf_counter()
-        found = self.index.retrieve(tokens, step, self.settings.k, self.settings.unique)
+        found = self.index.retrieve(tokens, step, self.settings.k, self.settings.retrieval)
         self.seconds += time.perf_counter() - started
         return found
 
@@ -94,7 +104,8 @@ class DAiDHook:
 
 
 def load_index_for(backbone_vq: torch.nn.Module, path: str | Path) -> PatchIndex:
-    """The patch index at `path`, refused unless it was built with this backbone's (normalised) codebook."""
+    """The patch index at `path`, refused unless it was built with this backbone's codebook vectors
+    (`codebook_vectors(normalized=True)`)."""
     from arrag.models.vq import codebook_vectors
     from arrag.patchdb.fingerprint import read_metadata
     from arrag.patchdb.index import metadata_path

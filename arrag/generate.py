@@ -6,11 +6,15 @@ prompt id, sample index) and the decode loop samples each row with its own gener
 shard count nor resuming changes an image: a micro-batch always holds the same images. (Changing the
 micro-batch size may change images through floating-point differences of batched matrix products.)
 
-A micro-batch whose files all exist is skipped; files are written to a temporary name and renamed, so a
-killed job leaves no partial image. Each micro-batch's wall time is kept beside the images folder
-(`<images>.timings/<n>.json`, outside it so that the official scripts see only their layout), so a record's
-`generation_seconds` covers every image of the shard even when a rerun reuses them (Table 4 is rendered from
-these records). Layouts (the official ones):
+A micro-batch whose files all exist is skipped when it was made by the same models, settings and code: each
+micro-batch's record (`<images>.timings/<n>.json`, beside the images folder so that the official scripts see
+only their layout) holds its wall time and the *fingerprint* of what made it (sha256 of the backbone's and the
+method's input files, the sampling and method settings, seed, micro-batch size, precision, device type and the
+source `arrag generate` runs, `arrag.codehash`); a micro-batch of another fingerprint is generated again, and
+images the prompts no longer ask for are removed, so a rerun after any change never reuses an image made before
+it. Files are written to a temporary name and renamed, so a killed job leaves no partial image, and the record
+is written after the images. A record's `generation_seconds` covers every image of the shard even when a rerun
+reuses them (Table 4 is rendered from these records). Layouts (the official ones):
     geneval   <images>/<index:05d>/metadata.jsonl and <images>/<index:05d>/samples/<k:04d>.png
     dpg       <images>/<item_id>.png, a 2x2 grid of 4 samples
     mjhq      <images>/<category>/<id>.png (mjhq_ablation: the first `ablation_subset` prompts)
@@ -18,6 +22,7 @@ these records). Layouts (the official ones):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import time
@@ -30,8 +35,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from arrag.benchmarks import PromptItem, load_geneval_metadata, prompt_items
+from arrag.codehash import code_hash
 from arrag.models.janus import JanusBackbone, SamplingConfig, derive_seed, generate_tokens
 from arrag.models.vq import decode_tokens
+from arrag.precision import machine, precision_of
 from arrag.records import png_bytes
 from evaluators.io import sha256_file, write_bytes_atomic, write_json_atomic
 from evaluators.record import git_commit, package_versions
@@ -99,17 +106,76 @@ def write_batch(units: list[Unit], images: list[Image.Image], out: Path, benchma
 
 
 def write_geneval_metadata(metadata_path: Path, items: list[PromptItem], out: Path) -> None:
-    """GenEval's per-prompt `<index>/metadata.jsonl` (the prompt's metadata line), written once."""
+    """GenEval's per-prompt `<index>/metadata.jsonl` (the prompt's metadata line), written when it differs."""
     for item, row in zip(items, load_geneval_metadata(metadata_path), strict=True):
-        target = out / item.id / "metadata.jsonl"
-        if not target.is_file():
-            write_bytes_atomic(target, (json.dumps(row) + "\n").encode())
+        target, content = out / item.id / "metadata.jsonl", (json.dumps(row) + "\n").encode()
+        if not (target.is_file() and target.read_bytes() == content):
+            write_bytes_atomic(target, content)
+
+
+def path_sha256(path: str | Path) -> str:
+    """sha256 of a file's content, or of a folder's files (relative paths and contents, recursively)."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path).as_posix()}\t{sha256_file(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def inputs_sha256(paths: dict[str, str | Path | list]) -> dict[str, str]:
+    """name -> sha256 (`path_sha256`) of a generation's input files and folders; an index file brings its
+    sidecars (`<index>.json`, `.values.npz`, ...); names of lists get `[i]`. Hub ids (not on disk) are skipped:
+    their revision is recorded."""
+    hashes = {}
+    for name, value in paths.items():
+        for i, path in enumerate(value if isinstance(value, list) else [value]):
+            key = f"{name}[{i}]" if isinstance(value, list) else name
+            path = Path(path)
+            if not path.exists():
+                continue
+            hashes[key] = path_sha256(path)
+            if name == "index":
+                for sidecar in sorted(path.parent.glob(path.name + ".*")):
+                    hashes[f"{key}{sidecar.name[len(path.name):]}"] = path_sha256(sidecar)
+    return hashes
 
 
 def weights_sha256(source: str) -> dict[str, str]:
     """sha256 of every safetensors file of a local model folder (hub ids: resolved by the fetch step)."""
     folder = Path(source)
     return {p.name: sha256_file(p) for p in sorted(folder.glob("*.safetensors"))} if folder.is_dir() else {}
+
+
+def made_with(timing: Path) -> str | None:
+    """The fingerprint in a micro-batch's record, or None when there is no readable record."""
+    try:
+        return json.loads(timing.read_text()).get("fingerprint")
+    except (OSError, ValueError):
+        return None
+
+
+def remove_unplanned(out: Path, planned: set[str]) -> None:
+    """Delete the images under `out` that the plan (every shard's files) does not hold: left by a run with other
+    prompts or sizes, they would be scored with this run's."""
+    if not out.is_dir():
+        return
+    for path in out.rglob("*.png"):
+        if path.relative_to(out).as_posix() not in planned:
+            path.unlink(missing_ok=True)
+
+
+def remove_temporaries(folder: Path, names: list[str]) -> None:
+    """Remove what a killed `write_bytes_atomic` left of the files `names` (relative to `folder`): their
+    `.<name>.<random>.tmp` siblings. Callers pass only their own shard's files, which no other job writes."""
+    by_folder: dict[Path, set[str]] = {}
+    for name in names:
+        by_folder.setdefault((folder / name).parent, set()).add(Path(name).name)
+    for parent, own in by_folder.items():
+        for temporary in parent.glob(".*.tmp") if parent.is_dir() else []:
+            if temporary.name[1:-len(".tmp")].rsplit(".", 1)[0] in own:
+                temporary.unlink(missing_ok=True)
 
 
 def generate_shard(
@@ -129,6 +195,7 @@ def generate_shard(
     method_inputs: Callable[[list[str]], dict] | None = None,
     method_settings: dict | None = None,
     generate_images: Callable[[list[str], list[int]], list[Image.Image]] | None = None,
+    inputs: dict[str, str] | None = None,
 ) -> dict:
     """Generate shard `shard` of `shards`; returns its provenance record (see `gather_records`).
 
@@ -137,6 +204,7 @@ def generate_shard(
     counts in the method's generation time. `method_settings` is recorded as is. Another backbone (Show-o)
     passes `generate_images(prompts, seeds) -> images` instead of the Janus decode loop; `backbone` then only
     names the model in the record (`source`, `revision`, `model.device`) and `sampling` is any dataclass.
+    `inputs`: sha256 of the method's input files (`inputs_sha256`), part of the fingerprint with the backbone's.
     """
     if generate_images is None:
         def generate_images(prompts: list[str], seeds: list[int]) -> list[Image.Image]:
@@ -149,7 +217,19 @@ def generate_shard(
     items = prompt_items("mjhq" if benchmark == "mjhq_ablation" else benchmark, prompts)
     if benchmark == "geneval":
         write_geneval_metadata(Path(prompts), items, out)
-    batches = micro_batches(units_for(benchmark, items, samples_per_prompt, ablation_subset), micro_batch, benchmark)
+    units = units_for(benchmark, items, samples_per_prompt, ablation_subset)
+    batches = micro_batches(units, micro_batch, benchmark)
+    model = {"source": backbone.source, "revision": backbone.revision,
+             "weights_sha256": weights_sha256(backbone.source)}
+    made_by = {"model": model, "inputs_sha256": inputs or {}, "method": method, "variant": variant,
+               "method_settings": method_settings or {}, "sampling": asdict(sampling), "seed": seed,
+               "micro_batch": micro_batch, "precision": precision_of(backbone.model),
+               "device": backbone.model.device.type, "code": code_hash("generate")}
+    fingerprint = hashlib.sha256(json.dumps(made_by, sort_keys=True, default=str).encode()).hexdigest()
+    remove_unplanned(out, {u.path for u in units})
+    mine = range(shard, len(batches), shards)
+    remove_temporaries(out, [u.path for number in mine for u in batches[number]])
+    remove_temporaries(out.with_name(out.name + TIMINGS_SUFFIX), [f"{number:06d}.json" for number in mine])
     files, generated, skipped, seconds, timed = [], 0, 0, 0.0, 0
     for number in tqdm(range(shard, len(batches), shards), desc=f"generate {benchmark}/{method} shard {shard}/{shards}",
                        unit="batch"):
@@ -157,7 +237,7 @@ def generate_shard(
         paths = sorted({u.path for u in batch})
         files += paths
         timing = out.with_name(out.name + TIMINGS_SUFFIX) / f"{number:06d}.json"
-        if all((out / p).is_file() for p in paths) and timing.is_file():
+        if all((out / p).is_file() for p in paths) and made_with(timing) == fingerprint:
             skipped += len(batch)
         else:
             started = time.perf_counter()
@@ -165,7 +245,8 @@ def generate_shard(
             images = generate_images([u.item.prompt for u in batch], seeds)
             elapsed = time.perf_counter() - started
             write_batch(batch, images, out, benchmark)
-            write_json_atomic(timing, {"images": len(batch), "seconds": elapsed, "device": str(backbone.model.device)})
+            write_json_atomic(timing, {"images": len(batch), "seconds": elapsed, "device": str(backbone.model.device),
+                                       "fingerprint": fingerprint})
             generated += len(batch)
         batch_timing = json.loads(timing.read_text())
         seconds += batch_timing["seconds"]
@@ -175,9 +256,9 @@ def generate_shard(
         "images_generated": generated, "images_skipped": skipped, "images_timed": timed,
         "generation_seconds": round(seconds, 4),
         "files": files, "micro_batch": micro_batch, "seed": seed, "sampling": asdict(sampling),
-        "method_settings": method_settings or {},
-        "model": {"source": backbone.source, "revision": backbone.revision,
-                  "weights_sha256": weights_sha256(backbone.source)},
-        "device": str(backbone.model.device), "python": platform.python_version(), "versions": package_versions(),
+        "method_settings": method_settings or {}, "model": model, "inputs_sha256": inputs or {},
+        "fingerprint": fingerprint, "code": made_by["code"],
+        "device": str(backbone.model.device), "precision": precision_of(backbone.model),
+        "machine": machine(backbone.model.device), "python": platform.python_version(), "versions": package_versions(),
         "git_commit": git_commit(),
     }

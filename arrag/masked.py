@@ -28,13 +28,14 @@ where X is the grid of hidden states with every masked cell zeroed (the target c
 own window is zero in X as the split needs). C is two ordinary padded convolutions over the whole grid per level:
 the decoded mask varies per image and step, but it acts on the *input* cells only, so zeroing them once serves
 every window. `centre_tap` composes M (D x D) from the two kernels. Per blender, per image and step at paper scale
-(Show-o: D = 2048, 16 x 16 grid, hops 12, k = 10): C costs 7,400 D^2 = 31 GMAC, M e and the score MLP's first layer
-2 * 2,560 D^2 = 21 GMAC, against 973 GMAC for one CFG step of the backbone (2 rows of 387 tokens): about 5.4 % per
-blender on the final-half steps. M itself costs 13 D^3 = 112 GMAC, batch independent: composed once per generation
-run, once per forward in training (where it carries gradients; `Blender.composed`, the whole 5 x 5 kernel, would
-cost 2,242 GMAC). The direct computation (two convolutions on each of the N k windows) costs 110 D^2 per window,
-1,181 GMAC per image, more than the backbone step itself, and holds N k windows of D x 5 x 5 (0.5 GB per image):
-fine at Shapes scale, where `tests/test_masked.py` uses it as the reference.
+(Show-o 512: D = 2048, 32 x 32 grid, hops 12, k = 10): C costs 28,072 D^2 = 118 GMAC, M e and the score MLP's first
+layer 2 * 10,240 D^2 = 86 GMAC, against about 2,900 GMAC for one CFG step of the backbone (2 rows of 1,155 tokens,
+1.26 GMAC per token): about 7 % per blender on the final-half steps. M itself costs 13 D^3 = 112 GMAC, batch
+independent: composed once per generation run, once per forward in training (where it carries gradients;
+`Blender.composed`, the whole 5 x 5 kernel, would cost 2,242 GMAC). The direct computation (two convolutions on each
+of the N k windows) costs 110 D^2 per window, 4,724 GMAC per image, more than the backbone step itself, and holds
+N k windows of D x 5 x 5 (2.1 GB per image): fine at Shapes scale, where `tests/test_masked.py` uses it as the
+reference.
 
 Training (`noised_retrievals`, `masked_faid_loss`): Show-o's noising as its training does (official
 `mask_or_random_replace_tokens`: r ~ U(0, 1) per image, mask ratio schedule(r), round(N * ratio) >= 1 positions
@@ -106,14 +107,16 @@ def undecided(grid: torch.Tensor, codebook_size: int) -> torch.Tensor:
     return (grid < 0) | (grid >= codebook_size)
 
 
-def retrieve_masked(index: PatchIndex, grid: torch.Tensor, masked: torch.Tensor, k: int, unique: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k retrieval for every masked position of grids [B, N] (raster order) with one index search.
+def retrieve_masked(index: PatchIndex, grid: torch.Tensor, masked: torch.Tensor, k: int, distinct: str | None,
+                    salt: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k retrieval (`PatchIndex.search` with `distinct` and `salt`) for every masked position of grids [B, N]
+    (raster order) with one index search.
 
     A query is the index's neighbourhood of the grid with the masked cells MISSING (zero vectors, or no query
     where the `skip` edge policy stores no key). Positions with the same neighbour tokens share one query (early in
-    decoding most neighbourhoods are all masked). Returns (tokens [B, N, k] long, -1 where none: decoded positions,
-    positions without a usable key, unfilled results; squared L2 distances [B, N, k], inf there), on the CPU.
+    decoding most neighbourhoods are all masked), and so one draw among tied patches. Returns (tokens [B, N, k]
+    long, -1 where none: decoded positions, positions without a usable key, unfilled results; squared L2 distances
+    [B, N, k], inf there), on the CPU.
     """
     batch, n = grid.shape
     side = index.grid
@@ -126,8 +129,8 @@ def retrieve_masked(index: PatchIndex, grid: torch.Tensor, masked: torch.Tensor,
     distances = torch.full((batch, n, k), float("inf"))
     if targets.any():
         slot_tokens = neighbours(known, index.spec, MISSING).flatten(1, 2)[targets]  # [M, S]
-        distinct, inverse = torch.unique(slot_tokens, dim=0, return_inverse=True)
-        found, found_distances = index.search(token_vectors(distinct, index.codebook).flatten(1), k, unique)
+        queries, inverse = torch.unique(slot_tokens, dim=0, return_inverse=True)
+        found, found_distances = index.search(token_vectors(queries, index.codebook).flatten(1), k, distinct, salt)
         tokens[targets], distances[targets] = found[inverse], found_distances[inverse]
     return tokens, distances
 
@@ -137,7 +140,8 @@ def retrieve_masked(index: PatchIndex, grid: torch.Tensor, masked: torch.Tensor,
 
 class MaskedDAiDHook:
     """Show-o's `prob_hook` for DAiD (Appendix B.2): at each call, every masked position of every image gets its
-    top-k distinct tokens (`settings.unique`, as the official DAiD) from one search, and its row of probs is merged
+    retrieved tokens (`settings.retrieval`; the default, the distinct tokens of the top-k patches, as the official
+    DAiD) from one search salted with the step, and its row of probs is merged
     with them (Eq. 2-4, `merge_distributions` on the [B * N', C] masked rows); decoded positions are left as they
     are. Pass ``hook_steps=final_half(steps)`` to `generate_tokens` for the paper's schedule. `seconds` accumulates
     the time spent retrieving, `steps_seen` the steps it was called at."""
@@ -154,7 +158,7 @@ class MaskedDAiDHook:
         check_masked_index(self.index, codebook_size=codebook_size)
         started = time.perf_counter()
         masked = undecided(grid, codebook_size)
-        tokens, distances = retrieve_masked(self.index, grid, masked, self.settings.k, self.settings.unique)
+        tokens, distances = retrieve_masked(self.index, grid, masked, self.settings.k, self.settings.retrieval, step)
         self.seconds += time.perf_counter() - started
         self.steps_seen.append(step)
         rows = masked.flatten().nonzero().squeeze(1)  # [B * N'] rows of the flattened probs
@@ -285,7 +289,7 @@ def masked_decode_modules(backbone: ShowoBackbone, faid: FAiD, index: PatchIndex
         if step is None or steps is None or step not in final_half(steps):
             return None
         started = time.perf_counter()
-        retrieved, _ = retrieve_masked(index, grid, masked, faid.settings.k, unique=False)
+        retrieved, _ = retrieve_masked(index, grid, masked, faid.settings.k, None, step)
         faid.retrieval_seconds += time.perf_counter() - started
         return retrieved
 
@@ -304,7 +308,7 @@ def masked_teacher_forced_modules(backbone: ShowoBackbone, faid: FAiD, retrieved
 
 
 def noised_retrievals(tokens: torch.Tensor, index: PatchIndex, k: int, generator: torch.Generator,
-                      schedule: str = "cosine", unique: bool = False) -> dict[str, torch.Tensor]:
+                      schedule: str = "cosine", distinct: str | None = None) -> dict[str, torch.Tensor]:
     """FAiD training data for token grids [B, N]: one noising draw per row as Show-o's training draws it (a time
     r ~ U(0, 1) per row, then `arrag.training.showo.mask_tokens`) and the top-k retrievals of every masked position
     from the noised grid, one search -> {masked [B, N] bool, retrieved [B, N, k] long (-1 at decoded positions),
@@ -312,7 +316,7 @@ def noised_retrievals(tokens: torch.Tensor, index: PatchIndex, k: int, generator
     check_masked_index(index)
     times = torch.rand(len(tokens), generator=generator)
     _, masked = mask_tokens(tokens, 0, times, generator, schedule)
-    retrieved, distances = retrieve_masked(index, tokens, masked, k, unique)
+    retrieved, distances = retrieve_masked(index, tokens, masked, k, distinct)
     return {"masked": masked, "retrieved": retrieved, "distances": distances}
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from evaluators.io import write_bytes_atomic, write_json_atomic
+from evaluators.io import load_rgb, write_bytes_atomic, write_json_atomic
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -30,19 +30,21 @@ def gather_records(shard_records: list[str | Path], out: str | Path, images_dir:
     total = sum(r["images_timed"] for r in records)
     seconds = sum(r["generation_seconds"] for r in records)
     merged = {key: first[key] for key in ("benchmark", "method", "variant", "seed", "sampling", "model",
-                                          "method_settings", "micro_batch", "device", "versions", "git_commit")}
+                                          "method_settings", "micro_batch", "device", "precision", "machine",
+                                          "versions", "git_commit")}
     merged.update({"shards": len(records), "files": files, "images": len(files),
                    "images_generated": sum(r["images_generated"] for r in records), "images_timed": total,
                    "generation_seconds": round(seconds, 4),
                    "seconds_per_image": round(seconds / total, 6) if total else None})
-    write_json_atomic(out, merged)
+    # the grid first: it decodes images, and a corrupt one must leave no record behind
     write_sample_grid([Path(images_dir) / f for f in files[:16]], Path(out).with_name("sample_grid.png"))
+    write_json_atomic(out, merged)
     return merged
 
 
 def write_sample_grid(paths: list[Path], target: Path, columns: int = 8) -> None:
     """The given images side by side (up to `columns` per row), 2x upscaled with nearest neighbours."""
-    tiles = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    tiles = [np.asarray(load_rgb(p)) for p in paths]
     if not tiles:
         return
     height, width = max(t.shape[0] for t in tiles), max(t.shape[1] for t in tiles)

@@ -17,13 +17,15 @@ them alike; the figure of merit is the ratio of median seconds per image to vani
 * ``shapes``: the given trained backbone / index / FAiD weights, or random ones of the demo's size (hidden 256,
   4 layers, 8 x 8 tokens, 512 codes) with an index over random grids.
 
-DAiD: k = 2048 distinct tokens at Janus scale (the official value) and codebook / 8 at Shapes scale, lambda
+DAiD: k = 2048 patches at Janus scale (the official value) and codebook / 8 at Shapes scale, their distinct tokens
+(``--daid-retrieval patches``, the official selection; ``distinct_tokens``: the k nearest distinct tokens), lambda
 0.3, tau 1; ``daid_overlap`` runs each step's search in a worker thread during that step's forward (what the
 CLI does on CUDA), ``daid`` runs it after the forward (the CPU default). FAiD: hops 12, m 2, k 10 (official),
 random blender weights unless --faid is given (the cost does not depend on trained values); the fast path with
 the composed kernels and the token table. The time FAiD spends preparing those caches (once per loaded model)
-is reported apart. Parameter counts: the base model, and what FAiD fine-tunes with the paper's settings
-(blenders, LoRA r = 128 on q/v, generation head).
+is reported apart, and so is the number of tokens each retrieval returns per step (mean, p10, p90 over the steps of
+the vanilla image, at k = 2048 and at DAiD's k, for both selections). Parameter counts: the base model, and what
+FAiD fine-tunes with the paper's settings (blenders, LoRA r = 128 on q/v, generation head).
 """
 
 from __future__ import annotations
@@ -71,6 +73,14 @@ def random_index(backbone: janus.JanusBackbone, patches: int, seed: int) -> Patc
     return PatchIndex(fingerprint, codebook, store, None, np.zeros(0, str), np.zeros(0, np.uint8), [])
 
 
+def tokens_per_step(index: PatchIndex, tokens: torch.Tensor, k: int, retrieval: str) -> dict:
+    """Tokens retrieved at each decode step of generated tokens [1, N]: mean, 10th and 90th percentiles."""
+    counts = [int((index.retrieve(tokens[:, :step], step, k, retrieval)[0] >= 0).sum()) for step in
+              range(tokens.shape[1])]
+    return {"mean": round(float(np.mean(counts)), 1), "p10": float(np.percentile(counts, 10)),
+            "p90": float(np.percentile(counts, 90))}
+
+
 def trainable_parameters(backbone: janus.JanusBackbone, faid: FAiD, config: FinetuneConfig) -> dict:
     """FAiD's trainable parameters as fine-tuned (`arrag.training.finetune`): blenders, LoRA of rank r on the
     targeted projections (r x (in + out) each), generation head; and the model's total with them."""
@@ -91,6 +101,7 @@ def main() -> None:
     parser.add_argument("--index", help="shapes: patch index of that backbone (default: random tokens index)")
     parser.add_argument("--faid", help="shapes: finetune-faid output folder (default: random blenders)")
     parser.add_argument("--patches", type=int, help="patches of the random index (default: 10M, shapes 1M)")
+    parser.add_argument("--daid-retrieval", choices=["patches", "distinct_tokens"], default="patches")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -110,7 +121,8 @@ def main() -> None:
     index_seconds = time.perf_counter() - started
 
     codebook_size = len(index.codebook)
-    daid_settings = DAiDSettings(k=2048 if janus_scale else codebook_size // 8, tau=1.0, lam=0.3)
+    daid_settings = DAiDSettings(k=2048 if janus_scale else codebook_size // 8, tau=1.0, lam=0.3,
+                                 retrieval=args.daid_retrieval)
     daid, daid_overlap = DAiDHook(index, daid_settings), DAiDHook(index, daid_settings, overlap=True)
     started = time.perf_counter()
     if args.faid:
@@ -143,11 +155,15 @@ def main() -> None:
             function()
             times[name].append(time.perf_counter() - begin)
     median = {name: statistics.median(values) for name, values in times.items()}
+    vanilla_tokens = cases["vanilla"]()
+    per_step = {f"k{k}": {retrieval: tokens_per_step(index, vanilla_tokens, k, retrieval)
+                          for retrieval in ("patches", "distinct_tokens")} for k in sorted({2048, daid_settings.k})}
     total = {name: sum(values) for name, values in times.items()}
     print(json.dumps({
         "scale": args.scale, "backbone": args.backbone or f"random {args.scale} architecture",
         "index": args.index or f"random tokens index, {index.ntotal} patches", "threads": torch.get_num_threads(),
         "decode_steps": backbone.num_image_tokens, "batch": 1, "reps": args.reps,
+        "daid": {"k": daid_settings.k, "retrieval": daid_settings.retrieval, "nprobe": index.nprobe},
         "parameters": trainable_parameters(backbone, faid, FinetuneConfig()), "faid_layers": faid.layers,
         "seconds_per_image": {name: round(value, 4) for name, value in median.items()},
         "overhead_over_vanilla": {name: round(median[name] / median["vanilla"] - 1, 4)
@@ -155,6 +171,7 @@ def main() -> None:
         "retrieval_share_of_time": {"daid": round(daid.seconds / total["daid"], 4),
                                     "daid_overlap": round(daid_overlap.seconds / total["daid_overlap"], 4),
                                     "faid": round(faid.retrieval_seconds / total["faid"], 4)},
+        "retrieved_tokens_per_step": per_step,
         "setup_seconds": {"backbone": round(build_seconds, 1), "index": round(index_seconds, 1),
                           "faid_caches": round(faid_prepare_seconds, 1)},
     }))

@@ -16,9 +16,10 @@ PQ8 as the official code; recall-vs-nprobe curve) over codebook and latent keys.
 values and patch ids (FAISS types: code or vector + 8-byte id + 2-byte token grid).
 
 Recall: a returned item counts when its exact distance is at most the k-th exact distance (ties between patches
-sharing a key are not misses); -1 results count as misses. Settings: FAiD's (k = 10) and DAiD's (the k nearest
-distinct tokens, k = codebook size / 8 as the official 2048 of 16384). Exact references are FAISS IndexFlatL2
-searches over the float keys (over the distinct (key, token) runs for distinct-token search).
+sharing a key are not misses); -1 results count as misses. Settings: FAiD's (k = 10 patches) and, for the tokens
+type, the k nearest distinct tokens (``distinct_tokens``, k = codebook size / 8 as the official 2048 of 16384), with
+the throughput of DAiD's default at that k as well (the distinct tokens of the k nearest patches). Exact references
+are FAISS IndexFlatL2 searches over the float keys (over the distinct (key, token) runs for distinct-token search).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import torch
 from arrag.models.vq import codebook_vectors
 from arrag.patchdb.encode import encode_images, load_vq
 from arrag.patchdb.fingerprint import Fingerprint, codebook_sha256
-from arrag.patchdb.index import PatchIndex, nearest_distinct, set_nprobe
+from arrag.patchdb.index import PatchIndex, set_nprobe
 from arrag.patchdb.neighbourhood import KeySpec, codebook_keys, grid_queries, latent_keys, neighbours
 from arrag.patchdb.sources import read_sources
 from arrag.patchdb.token_index import TokenStore, train_lists
@@ -137,6 +138,21 @@ def recall(found: np.ndarray, kth: np.ndarray) -> float:
     return float((found <= (kth + tolerance)[:, None]).mean())
 
 
+def nearest_distinct(tokens: torch.Tensor, distances: torch.Tensor, k: int, codebook_size: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k nearest distinct tokens of ranked results [B, n] (-1 ignored): ([B, k] long, [B, k] float32)."""
+    rows = torch.arange(len(tokens))[:, None].expand_as(tokens)
+    valid = tokens >= 0
+    best = torch.full((len(tokens), codebook_size), float("inf"))
+    best.view(-1).scatter_reduce_(0, (rows * codebook_size + tokens)[valid], distances[valid].float(), "amin")
+    nearest, token = best.topk(min(k, codebook_size), largest=False)
+    out_tokens = torch.full((len(tokens), k), -1, dtype=torch.long)
+    out_distances = torch.full((len(tokens), k), float("inf"))
+    out_tokens[:, :nearest.shape[1]] = torch.where(nearest.isfinite(), token, -1)
+    out_distances[:, :nearest.shape[1]] = nearest
+    return out_tokens, out_distances
+
+
 def distinct_reference(run_keys: np.ndarray, run_tokens: np.ndarray, queries: np.ndarray, k: int, side: int):
     """Exact per-query distance of every distinct token near enough: {token: distance} dicts and k-th distances."""
     flat = faiss.IndexFlatL2(run_keys.shape[1])
@@ -176,11 +192,11 @@ def steady_seconds(function, *args, repeats: int = 3) -> float:
     return statistics.median(timed(function, *args)[1] for _ in range(repeats))
 
 
-def throughput(index, queries: torch.Tensor, k: int, unique: bool, single: int) -> dict:
-    batch_seconds = steady_seconds(index.search, queries, k, unique)
+def throughput(index, queries: torch.Tensor, k: int, distinct: str | None, single: int) -> dict:
+    batch_seconds = steady_seconds(index.search, queries, k, distinct)
     started = time.perf_counter()
     for q in queries[:single]:
-        index.search(q[None], k, unique)
+        index.search(q[None], k, distinct)
     single_seconds = time.perf_counter() - started
     return {f"qps_batch{len(queries)}": round(len(queries) / batch_seconds, 1),
             "qps_batch1": round(single / single_seconds, 1)}
@@ -213,7 +229,7 @@ def bench_size(size, grids, latents, codebook, spec, queries, args) -> list[dict
         _, _, found = store.search(queries, 10)
         curve[nprobe] = recall(exact_patch_distances(keys, queries.numpy(), found), kth10)
         speed[nprobe] = round(len(queries) / steady_seconds(store.search, queries, 10), 1)
-        curve_daid[nprobe] = distinct_recall(index.search(queries, k_daid, unique=True)[0], table, kth_daid)
+        curve_daid[nprobe] = distinct_recall(index.search(queries, k_daid, "distinct_tokens")[0], table, kth_daid)
     store.set_nprobe(args.token_nprobe)
     results.append({
         "size": size, "patches": patches, "key_space": "codebook", "type": "tokens", "nlist": nlist,
@@ -226,8 +242,9 @@ def bench_size(size, grids, latents, codebook, spec, queries, args) -> list[dict
                           "store": round(build_seconds, 2)},
         "recall_at_10_by_nprobe": curve, f"qps_batch{len(queries)}_at_10_by_nprobe": speed,
         f"recall_distinct_at_{k_daid}_by_nprobe": curve_daid,
-        "k10": throughput(index, queries, 10, False, args.single),
-        f"distinct_k{k_daid}": throughput(index, queries, k_daid, True, args.single),
+        "k10": throughput(index, queries, 10, None, args.single),
+        f"distinct_k{k_daid}": throughput(index, queries, k_daid, "distinct_tokens", args.single),
+        f"daid_k{k_daid}": throughput(index, queries, k_daid, "patches", args.single),
     })
     print(json.dumps(results[-1]), flush=True)
     del store, index
@@ -266,12 +283,12 @@ def bench_size(size, grids, latents, codebook, spec, queries, args) -> list[dict
                      "bytes_per_patch": bytes_per_patch, "build_patches_per_s": round(patches / build)}
             if kind == "flat":
                 entry["recall_at_10"] = curve["exact"]
-                entry["k10"] = throughput(index, queries[:args.flat_queries], 10, False, 4)
+                entry["k10"] = throughput(index, queries[:args.flat_queries], 10, None, 4)
             else:
                 entry["recall_at_10_by_nprobe"] = curve
                 set_nprobe(faiss_index, args.nprobe)
                 entry["nprobe"] = args.nprobe
-                entry["k10"] = throughput(index, queries, 10, False, args.single)
+                entry["k10"] = throughput(index, queries, 10, None, args.single)
             results.append(entry)
             print(json.dumps(entry), flush=True)
             del index
@@ -289,7 +306,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1024)
     parser.add_argument("--single", type=int, default=200, help="queries timed one at a time (batch 1)")
     parser.add_argument("--flat-queries", type=int, default=128, help="queries timed on flat (it is slow)")
-    parser.add_argument("--daid-k", type=int, default=0, help="distinct tokens (0: codebook size / 8)")
+    parser.add_argument("--daid-k", type=int, default=0, help="DAiD's k (0: codebook size / 8)")
     parser.add_argument("--nlist", type=int, default=1024, help="ivfpq lists")
     parser.add_argument("--token-nlist", type=int, default=0, help="tokens lists (0: sqrt(patches))")
     parser.add_argument("--token-nprobe", type=int, default=8, help="tokens nprobe of the throughput numbers")

@@ -14,7 +14,7 @@ import json
 import sys
 
 from evaluators.io import write_json_atomic
-from evaluators.record import make_record
+from evaluators.record import generation_provenance, make_record
 
 METRICS = {
     "fid": ("evaluators.fid", "Frechet Inception Distance, clean-fid 'clean' mode"),
@@ -35,6 +35,8 @@ def metric_parser(name: str) -> argparse.ArgumentParser:
     parser.add_argument("--out", help="write the record to this file (atomically)")
     parser.add_argument("--seed", type=int, help="seed to record (generation seed)")
     parser.add_argument("--config-hash", help="config hash to record")
+    parser.add_argument("--generation-record", help="the scored images' generation record (arrag generate): its "
+                        "precision, machine, model and commit go into the result record")
     parser.set_defaults(module=module)
     return parser
 
@@ -49,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     args = metric_parser(argv[0]).parse_args(argv[1:])
     if not (args.json or args.out):
         args.json = True
-    record = make_record(argv[0], **args.module.run(args), seed=args.seed, config_hash=args.config_hash)
+    record = make_record(argv[0], **args.module.run(args), seed=args.seed, config_hash=args.config_hash,
+                         generation=generation_provenance(args.generation_record))
     if args.out:
         write_json_atomic(args.out, record)
     if args.json:

@@ -90,8 +90,8 @@ def cached_features(
 ) -> tuple[np.ndarray, Path | None]:
     """Features of a reference folder, read from `cache_dir` when present, else computed and stored.
 
-    key: everything the features depend on (metric, file-list hash, model and weights hash, preprocessing);
-    the file name is a hash of it. The stored relative paths must equal `rel_paths`, else the entry is
+    key: everything the features depend on (metric, content hash of the files, model and weights hash,
+    preprocessing); the file name is a hash of it. The stored relative paths must equal `rel_paths`, else the entry is
     recomputed. Returns the features and the cache file (None when `cache_dir` is None: caching off).
     """
     if cache_dir is None:

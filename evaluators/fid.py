@@ -20,8 +20,8 @@ clean-fid's download folder (/tmp); the InceptionV3 TorchScript shipped in the f
 Images in first-level subfolders (MJHQ-30K keeps one folder per category) also get a per-category FID
 when REAL_DIR and GEN_DIR hold the same category folders.
 
-The features of REAL_DIR are cached (``--cache-dir``) under its file-list hash, the mode and the weights
-sha256; the statistics (also per category) follow from them.
+The features of REAL_DIR are cached (``--cache-dir``) under the hash of its files' paths and contents, the mode
+and the weights sha256; the statistics (also per category) follow from them.
 """
 
 from __future__ import annotations
@@ -78,6 +78,26 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
             raise ValueError(f"Frechet distance: imaginary component {np.max(np.abs(covmean.imag))}")
         covmean = covmean.real
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def frechet_distance_psd(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """The Fréchet distance of `frechet_distance` with Tr((S1 S2)^(1/2)) from symmetric eigendecompositions:
+    S1^(1/2) from eigh(S1) (negative rounding noise clipped to 0), then the sum of the square roots of the
+    eigenvalues of S1^(1/2) S2 S1^(1/2), which are those of S1 S2 and real and >= 0 for covariances. The same number
+    as scipy's sqrtm where that one succeeds (tests: 1e-9 relative), and finite where sqrtm of the non-symmetric
+    product of rank-deficient covariances turns complex (fewer images than dimensions) and the official check
+    raises."""
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"shape mismatch: means {mu1.shape} vs {mu2.shape}, "
+                         f"covariances {sigma1.shape} vs {sigma2.shape}")
+    values, vectors = np.linalg.eigh(sigma1)
+    root = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    inner = root @ sigma2 @ root
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 
 def fid_from_features(features1: np.ndarray, features2: np.ndarray, sqrtm: bool = False) -> float:

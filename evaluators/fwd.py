@@ -6,7 +6,11 @@ torchvision ``Resize`` on the PIL image, i.e. PIL bilinear on uint8); scale to [
 boundary mode "reflect" (ptwt 0.1.8's default, which pytorchfwd uses; PyWavelets' "reflect" gives the
 same coefficients). Each of the 4^level packets is a feature vector of C * h * w coefficients.
 Per packet: mean and covariance (unbiased, float64) over the images of each folder; FWD is the
-Fréchet distance per packet, averaged over the packets.
+Fréchet distance per packet, averaged over the packets. Its trace term Tr((S1 S2)^(1/2)) comes from symmetric
+eigendecompositions (`evaluators.fid.frechet_distance_psd`): the same value as pytorchfwd's scipy sqrtm where that
+succeeds, and finite where it does not (with fewer images than a packet's C * h * w dimensions the covariances are
+rank-deficient, sqrtm of their product turns complex and pytorchfwd raises; seen on 16 Shapes images, 48-d
+packets). ``--sqrtm`` reproduces pytorchfwd's computation, failure included.
 
 Resize policy: none by default, and then every image of both folders must have one size (pytorchfwd
 has no default resize either). Folders are read recursively; pytorchfwd reads only the top folder (and
@@ -31,7 +35,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from evaluators.features import default_device, default_num_workers, iterate_batches
-from evaluators.fid import frechet_distance
+from evaluators.fid import frechet_distance, frechet_distance_psd
 from evaluators.io import file_list_hash, list_images
 
 BOUNDARY_MODE = "reflect"
@@ -105,9 +109,14 @@ def packet_statistics(files: list[Path], transform: PacketTransform, device: tor
     return stats.result()
 
 
-def fwd_from_statistics(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """Mean over packets p of the Fréchet distance between N(mu1[p], sigma1[p]) and N(mu2[p], sigma2[p])."""
-    distances = [frechet_distance(mu1[p], sigma1[p], mu2[p], sigma2[p])
+def fwd_from_statistics(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                        sqrtm: bool = False) -> float:
+    """Mean over packets p of the Fréchet distance between N(mu1[p], sigma1[p]) and N(mu2[p], sigma2[p]): its trace
+    term from symmetric eigendecompositions (`frechet_distance_psd`), or with `sqrtm` from scipy's sqrtm and the
+    official imaginary-part check, as pytorchfwd (which raises when fewer images than a packet's dimensions make the
+    product's square root complex)."""
+    distance = frechet_distance if sqrtm else frechet_distance_psd
+    distances = [distance(mu1[p], sigma1[p], mu2[p], sigma2[p])
                  for p in tqdm(range(len(mu1)), desc="FWD packets", unit="packet")]
     return float(np.mean(distances))
 
@@ -133,6 +142,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "default: no resize, all images must share one size")
     parser.add_argument("--log-scale", action="store_true",
                         help="use log(|c| + 1e-6) of the packet coefficients (pytorchfwd --log_scale)")
+    parser.add_argument("--sqrtm", action="store_true", help="the trace term from scipy's sqrtm with the official "
+                        "imaginary-part check (pytorchfwd; fails on rank-deficient covariances), not the symmetric "
+                        "eigendecomposition")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--num-workers", type=int, default=default_num_workers())
     parser.add_argument("--device", default=str(default_device()))
@@ -149,7 +161,7 @@ def run(args: argparse.Namespace) -> dict:
     real_stats = packet_statistics(real_files, transform, desc="FWD real", **batching)
     gen_stats = packet_statistics(gen_files, transform, desc="FWD gen", **batching)
     return {
-        "values": {"fwd": fwd_from_statistics(*real_stats, *gen_stats)},
+        "values": {"fwd": fwd_from_statistics(*real_stats, *gen_stats, sqrtm=args.sqrtm)},
         "n_images": {"real": len(real_files), "gen": len(gen_files)},
         "settings": {
             "wavelet": wavelet,
@@ -160,6 +172,7 @@ def run(args: argparse.Namespace) -> dict:
             "resize_filter": "PIL bilinear" if args.resize is not None else None,
             "pixel_range": [0.0, 1.0],
             "dtype": "float64",
+            "trace": "sqrtm" if args.sqrtm else "eigh",
             "packets": 4**args.level,
         },
         "inputs": {

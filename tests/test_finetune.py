@@ -43,6 +43,7 @@ def test_schedule_and_step_count():
     assert (config.global_batch, config.lr, config.warmup_fraction, config.lora_rank, config.lora_alpha,
             config.lora_dropout) == (256, 2e-4, 0.1, 128, 256, 0.05)
     assert optimizer_steps(config, 50_000) == 195
+    # approx's rel 1e-6: 2e-4 * (step + 1) / 10 in float64 is off by an ulp at most
     assert [learning_rate(config, s, 100) for s in (0, 4, 9, 10, 99)] == pytest.approx([2e-5, 1e-4, 2e-4, 2e-4, 2e-4])
 
 
@@ -51,7 +52,9 @@ def test_loss_falls_base_stays_frozen_and_paths_stay_valid(tmp_path):
     before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
     config = FinetuneConfig(**{**TINY.__dict__, "epochs": 30, "lr": 3e-2})
     metrics = finetune(backbone, examples(backbone), plain_loss, config, tmp_path / "out", tmp_path / "ckpt")
-    assert metrics["optimizer_steps"] == 60 and metrics["loss_last"] < metrics["loss_first"] - 1.0
+    # measured over config seeds 0-5, fp32 and bf16: the loss falls by 0.44-1.57 (1.08 at seed 0); floor set under
+    # the minimum (it was 1.0, 8 % under seed 0's drop, which moves by 0.02 between fp32 and bf16)
+    assert metrics["optimizer_steps"] == 60 and metrics["loss_last"] < metrics["loss_first"] - 0.3
     q_proj = backbone.model.model.language_model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, LoraLayer) and q_proj.r["default"] == 4
     after = backbone.model.state_dict()
@@ -88,15 +91,33 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
     assert (tmp_path / "straight" / "loss.csv").read_text() == (tmp_path / "resumed" / "loss.csv").read_text()
 
 
-def test_gradient_accumulation_equals_one_batch(tmp_path):
-    config = FinetuneConfig(**{**TINY.__dict__, "epochs": 1, "lora_dropout": 0.0})
-    results = []
+def test_gradient_accumulation_equals_one_batch(tmp_path, monkeypatch):
+    """One optimizer step on 8 rows, as one micro-batch of 8 and as four of 2: the accumulated gradients (read where
+    the loop clips them) and the logged loss agree up to float32 summation order. In fp32, as bf16 autocast would
+    round each micro-batch's activations on its own (2^-8 relative). Gradients, not the updated weights: Adam's first
+    update is lr g / (|g| + 1e-8), about lr sign(g), so a 1e-9 difference at an entry near zero flips a whole step."""
+    clip = torch.nn.utils.clip_grad_norm_
+    gradients, losses = {}, {}
     for micro in (8, 2):
+        def recording(parameters, max_norm, micro=micro):
+            parameters = list(parameters)
+            gradients[micro] = [p.grad.clone() for p in parameters]
+            return clip(parameters, max_norm)
+
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
         backbone = fresh_backbone()
-        finetune(backbone, examples(backbone), plain_loss, FinetuneConfig(**{**config.__dict__, "micro_batch": micro}),
-                 tmp_path / f"m{micro}", tmp_path / f"c{micro}")
-        results.append(load_file(tmp_path / f"m{micro}" / "adapter.safetensors"))
-    assert all(torch.allclose(results[0][k], results[1][k], atol=1e-5) for k in results[0])
+        config = FinetuneConfig(**{**TINY.__dict__, "epochs": 0.5, "micro_batch": micro, "lora_dropout": 0.0,
+                                   "precision": "fp32"})
+        metrics = finetune(backbone, examples(backbone), plain_loss, config, tmp_path / f"m{micro}",
+                           tmp_path / f"c{micro}")
+        assert metrics["optimizer_steps"] == 1
+        losses[micro] = metrics["loss_first"]
+    assert len(gradients[8]) == len(gradients[2]) == 12  # 8 LoRA tensors and the generation head's 4
+    for one, accumulated in zip(gradients[8], gradients[2], strict=True):
+        # float32 sums over 8 rows x 16 tokens grouped otherwise: measured <= 5e-7 of each tensor's largest entry, 1e-5
+        # of it leaves 20x (LoRA A gradients are exactly zero in both: B starts at zero)
+        torch.testing.assert_close(accumulated, one, rtol=0, atol=1e-5 * float(one.abs().max()))
+    assert losses[2] == pytest.approx(losses[8], rel=1e-5)  # a float32 mean of 128 cross-entropies: ~1e-7 relative
 
 
 class Bias(nn.Module):
@@ -128,6 +149,8 @@ def test_extra_modules_train_save_and_reload_merged(tmp_path):
     assert not any(isinstance(m, LoraLayer) for m in reloaded.model.modules())  # merged into plain Linear layers
     with torch.no_grad():
         merged = forward_teacher_forced(reloaded, data["input_ids"], data["image_tokens"], data["attention_mask"])
-    assert torch.allclose(trained, merged, atol=1e-4)
+    # float32: merged W + s B A rounds once where the adapter adds W x and s B A x; measured 3.3e-7 on logits of
+    # size 1.1 (fp32 and bf16 training); 1e-4 leaves 300x (skipping the merge moves them by 1.4)
+    torch.testing.assert_close(merged, trained, rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="extra modules"):
         load_finetuned(fresh_backbone(), tmp_path / "out")

@@ -64,15 +64,23 @@ def build(tmp, vq, database, shards: int, kind: str, spec: KeySpec):
     return PatchIndex.load(tmp / "index")
 
 
-def ranked(index: PatchIndex, queries: torch.Tensor) -> list:
-    """Every patch for every query as sorted (distance, token, image id, row, column)."""
+def patches_found(index: PatchIndex, queries: torch.Tensor) -> list[dict]:
+    """Every patch for every query: {(image id, row, column): (token, distance)}."""
     tokens, distances, ids = index.search_patches(queries, index.ntotal)
-    result = []
-    for b in range(len(queries)):
-        where = index.patch_source(ids[b])
-        result.append(sorted((round(float(d), 5), int(t), w[1], w[2], w[3])
-                             for d, t, w in zip(distances[b], tokens[b], where, strict=True)))
-    return result
+    return [{where[1:]: (int(t), float(d)) for d, t, where in zip(distances[b], tokens[b], index.patch_source(ids[b]),
+                                                                   strict=True)} for b in range(len(queries))]
+
+
+def assert_same_patches(a: PatchIndex, b: PatchIndex, queries: torch.Tensor) -> None:
+    """Both indexes find every patch with the same token at the same distance. Distances are float32 sums of up to
+    96 squared differences (L12 keys: 12 x 8-d), at most ~50 (measured equal here): another summation order moves
+    them by ~(8 + 12) * 6e-8 relative, inside rtol 1e-5; atol 1e-5 covers distances near 0 computed as
+    |q|^2 + |k|^2 - 2 q.k (|.|^2 <= 12: ~1e-6)."""
+    for found_a, found_b in zip(patches_found(a, queries), patches_found(b, queries), strict=True):
+        assert found_a.keys() == found_b.keys() and len(found_a) == a.ntotal
+        assert all(found_a[p][0] == found_b[p][0] for p in found_a)
+        np.testing.assert_allclose([found_a[p][1] for p in found_a], [found_b[p][1] for p in found_a], rtol=1e-5,
+                                   atol=1e-5)
 
 
 @pytest.mark.parametrize("kind,spec", [("tokens", KeySpec("L", "1")), ("flat", KeySpec("O", "1", edge_policy="skip")),
@@ -89,9 +97,9 @@ def test_sharded_build_equals_one_shot_build(tmp_path, vq_dir, database, kind, s
     tokens = torch.from_numpy(read_shard(tmp_path / "one" / "shard0.npz")["tokens"].astype(np.int64))
     queries, usable = one.grid_queries(tokens[:3])
     queries = queries[:, usable].flatten(0, 1)
-    assert ranked(one, queries) == ranked(three, queries)
+    assert_same_patches(one, three, queries)
     found, distances = three.search(queries, 1)
-    assert (distances[:, 0] < 1e-5).all()  # database patches find their own neighbourhood at distance 0
+    assert (distances[:, 0] < 1e-5).all()  # database patches find their own neighbourhood at distance 0 (see above)
 
 
 def test_codebook_keys_redefined_from_the_shards_tokens(tmp_path, vq_dir, database):
@@ -109,7 +117,7 @@ def test_codebook_keys_redefined_from_the_shards_tokens(tmp_path, vq_dir, databa
     tokens = torch.from_numpy(read_shard(paths[0])["tokens"].astype(np.int64))
     queries, usable = direct.grid_queries(tokens[:3])
     queries = queries[:, usable].flatten(0, 1)
-    assert ranked(redefined, queries) == ranked(direct, queries)
+    assert_same_patches(redefined, direct, queries)
     with pytest.raises(ValueError, match="only codebook-space keys"):
         train_index(paths, tmp_path / "latent", IndexParams(kind="flat"), KeySpec("O", "1", key_space="latent"))
 
@@ -126,6 +134,8 @@ def test_latent_ivfpq_build_and_fingerprint_check(tmp_path, vq_dir, database):
     added, shards = [tmp_path / "added0", tmp_path / "added1"], [tmp_path / "shard0.npz", tmp_path / "shard1.npz"]
     merge_index(added, shards, tmp_path / "ondisk" / "index", ondisk=True)  # lists in index.ivfdata beside it
     ondisk = PatchIndex.load(tmp_path / "ondisk" / "index", nprobe=4)
+    # merge_index orders the shards, so both hold the same lists in the same order: the same scan and sums, equal
+    # results even among PQ ties
     assert torch.equal(ondisk.search(queries[:, usable].flatten(0, 1), 5)[0], result)
     codebook = index.codebook
     PatchIndex.load(tmp_path / "index", expected=Fingerprint.expected(codebook, 4, spec))
@@ -133,6 +143,32 @@ def test_latent_ivfpq_build_and_fingerprint_check(tmp_path, vq_dir, database):
         PatchIndex.load(tmp_path / "index", expected=Fingerprint.expected(codebook, 4, KeySpec("L", "1")))
     with pytest.raises(FingerprintMismatch, match="codebook"):
         PatchIndex.load(tmp_path / "index", expected=Fingerprint.expected(codebook.flip(0), 4, spec))
+
+
+def test_official_nprobe_probes_exactly_one_list(tmp_path, vq_dir, database):
+    """`official_nprobe` replaces the configured nprobe by 1, as the official runs probed (their nprobe, set on the
+    OPQ wrapper, never reached the IVF): an ivfpq index built with it visits one inverted list per query."""
+    import faiss
+
+    spec = KeySpec("L", "1", key_space="latent")
+    shard = tmp_path / "shard.npz"
+    encode_shard(load_vq(vq_dir), read_sources(database), 0, 1, spec, Exclusions(), shard, batch_size=5)
+    tokens = torch.from_numpy(read_shard(shard)["tokens"][:2].astype(np.int64))
+    visited = {}
+    for official in (False, True):
+        out = tmp_path / f"official_{official}" / "index"
+        build_index([shard], out, IndexParams(kind="ivfpq", nlist=4, pq_m=4, pq_bits=4, nprobe=3,
+                                              official_nprobe=official))
+        index = PatchIndex.load(out)
+        queries, usable = index.grid_queries(tokens)
+        queries = np.ascontiguousarray(queries[:, usable].flatten(0, 1).numpy())
+        faiss.cvar.indexIVF_stats.reset()
+        index.backend.search(queries, 5)
+        visited[official] = (index.nprobe, faiss.cvar.indexIVF_stats.nlist / len(queries))
+    assert visited == {False: (3, 3), True: (1, 1)}
+    build_index([shard], tmp_path / "tokens" / "index", IndexParams(kind="tokens", nprobe=3, official_nprobe=True),
+                KeySpec("L", "1"))
+    assert PatchIndex.load(tmp_path / "tokens" / "index").nprobe == 1
 
 
 def test_exclusions_by_id_and_hash_and_holdout(tmp_path, vq_dir, database):

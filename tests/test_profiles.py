@@ -55,6 +55,12 @@ def job_resources(output: str) -> list[tuple[str, dict[str, str]]]:
 
 
 @pytest.fixture(scope="module")
+def paper_dry_run() -> tuple[str, float]:
+    """The one-machine dry run of the paper config: output and CPU seconds."""
+    return dry_run("--configfile", "config/config.yaml")
+
+
+@pytest.fixture(scope="module")
 def fake_conda(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("conda")
     (folder / "conda").write_text(FAKE_CONDA)
@@ -62,7 +68,7 @@ def fake_conda(tmp_path_factory) -> Path:
     return folder
 
 
-def test_slurm_profile_dry_run_of_the_paper_config(fake_conda):
+def test_slurm_profile_dry_run_of_the_paper_config(fake_conda, paper_dry_run):
     output, cpu_seconds = dry_run("--profile", "profiles/slurm", "--configfile", "config/config.yaml",
                                   path_prefix=str(fake_conda))
     assert "Using profiles profiles/slurm and workflow specific profile profiles/default" in output
@@ -76,7 +82,10 @@ def test_slurm_profile_dry_run_of_the_paper_config(fake_conda):
         assert {"runtime", "mem_mb", "cpus_per_task"} <= set(res), (rule, res)
     generate = next(res for rule, res in jobs if rule == "generate")
     assert int(generate["runtime"]) >= 120 and int(generate["cpus_per_task"]) >= 4
-    assert cpu_seconds < 10, f"dry run took {cpu_seconds:.1f} s of CPU"
+    # CPU time, not wall time, so a busy machine does not count; relative to the same DAG without the profile,
+    # so a slow one does not either. Measured 8.8 s against 6.4 s (1.4x): the plugin and the conda checks.
+    plain_seconds = paper_dry_run[1]
+    assert cpu_seconds < 2 * plain_seconds, f"dry run took {cpu_seconds:.1f} s of CPU, {plain_seconds:.1f} s without"
 
 
 def test_slurm_profile_settings():
@@ -102,9 +111,9 @@ def test_the_workflow_profile_does_not_cap_cluster_gpu_jobs():
     assert args.set_resource_scopes == {"gpu": "local"}
 
 
-def test_one_machine_gpu_limit_and_gpu_requests_only_on_gpu_rules():
+def test_one_machine_gpu_limit_and_gpu_requests_only_on_gpu_rules(paper_dry_run):
     assert yaml.safe_load(DEFAULT.read_text())["resources"] == {"gpu": 1}
-    output, _ = dry_run("--configfile", "config/config.yaml")
+    output, _ = paper_dry_run
     assert "workflow specific profile profiles/default" in output
     requesting = {rule for rule, res in job_resources(output) if res.get("gpu", "0") != "0"}
     assert requesting and requesting <= GPU_RULES

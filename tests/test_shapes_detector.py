@@ -32,6 +32,8 @@ def detector(split):
 def test_clean_renders_precision_recall(split, detector):
     report = validate_detector(split / "heldout", detector)
     assert report["n_images"] == 300
+    # Measured 1.0 for every rate below (586 objects; numpy only, the same at any thread count). The floors are
+    # acceptance levels: 0.97 of 586 allows 17 misses, 0.95 per class (about 100 objects) 5.
     assert report["precision"] >= 0.97 and report["recall"] >= 0.97
     assert report["color_accuracy"] >= 0.99 and report["background_accuracy"] == 1.0
     assert all(c["recall"] >= 0.95 for c in report["per_class"].values())
@@ -47,7 +49,7 @@ def test_clean_objects_have_exact_boxes_and_pass_the_counting_threshold(split, d
             exact.append(detections[i]["box"] == record["objects"][j]["box"])
             assert detections[i]["mask"].shape == (64, 64) and detections[i]["mask"].any()
     assert np.mean(exact) == 1.0
-    assert np.mean(np.asarray(scores) > 0.9) >= 0.97
+    assert np.mean(np.asarray(scores) > 0.9) >= 0.97  # measured 1.0 (lowest score 0.986 of 202 objects)
 
 
 def test_degrades_gracefully_on_blurred_noisy_renders(split, detector, tmp_path):
@@ -60,7 +62,7 @@ def test_degrades_gracefully_on_blurred_noisy_renders(split, detector, tmp_path)
         noisy = np.asarray(image, dtype=np.float64) + rng.normal(0, 6, (64, 64, 3))
         Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(tmp_path / f"{record['id']}.png")
     report = validate_detector(split / "heldout", detector, images_dir=tmp_path)
-    assert report["precision"] >= 0.9 and report["recall"] >= 0.9
+    assert report["precision"] >= 0.9 and report["recall"] >= 0.9  # measured 1.0 and 0.995 (seeded noise)
 
 
 def test_blank_image_has_no_detections(detector):
@@ -70,7 +72,7 @@ def test_blank_image_has_no_detections(detector):
 
 def test_box_iou_uses_exclusive_ends():
     assert box_iou([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
-    assert box_iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(50 / 150)
+    assert box_iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(50 / 150)  # one float division
     assert box_iou([0, 0, 10, 10], [10, 0, 20, 10]) == 0.0
 
 

@@ -214,6 +214,7 @@ def test_schedule_unmasks_by_the_cosine_schedule(backbone):
 
 def test_identity_hook_and_seeds(backbone):
     plain = generate_tokens(backbone, PROMPTS, SEEDS, SAMPLING)
+    # exact: the same batch and forward, and the hook hands back the very probabilities
     assert torch.equal(generate_tokens(backbone, PROMPTS, SEEDS, SAMPLING, prob_hook=Recorder()), plain)
     other = generate_tokens(backbone, PROMPTS, [s + 1 for s in SEEDS], SAMPLING)
     assert not torch.equal(other, plain)
@@ -238,6 +239,7 @@ def test_one_hot_hook_decides_the_hooked_steps(backbone):
 def test_neutral_layer_modules_change_nothing(backbone, mode):
     plain = generate_tokens(backbone, PROMPTS, SEEDS, SAMPLING)
     modules = {0: Projection(64, mode), 1: Projection(64, mode)}
+    # exact: the layers with a module run PhiDecoderLayer's operations in its order, then add zeros (or nothing)
     assert torch.equal(generate_tokens(backbone, PROMPTS, SEEDS, SAMPLING, layer_modules=modules), plain)
     b, n = len(PROMPTS), backbone.num_image_tokens
     assert modules[1].calls == [((b, n, 64), (b, n), step, STEPS) for step in range(STEPS)]  # conditional rows only
@@ -256,6 +258,8 @@ def test_teacher_forced_logits_match_generation(backbone):
             cond = forward_teacher_forced(backbone, PROMPTS, grid, mods, step, STEPS)
             uncond = forward_teacher_forced(backbone, [""] * len(PROMPTS), grid)
         expected = ((1 + w) * cond - w * uncond).softmax(-1)
+        # one batch of 2B rows vs two of B, float32: equal to the bit here (1, 2, 4 threads, AVX2), the tolerance
+        # allows reordered row products (~1e-7 relative); the module moves these probabilities by 0.16
         torch.testing.assert_close(probs, expected, atol=1e-5, rtol=1e-4)
 
 

@@ -54,6 +54,8 @@ def test_faid_finetune_and_every_method_generates(world, tmp_path):
     for record, files in generated.values():
         assert record["images_generated"] == 3 and [p.name for p in files] == ["p0.png", "p1.png", "p2.png"]
     assert generated["showo_faid"][0]["method_settings"]["weights"] == str(tmp_path / "faid")
+    daid = generated["showo_daid"][0]["method_settings"]  # the record says what was retrieved, with which nprobe
+    assert daid["retrieval"] == "patches" and daid["k"] == 4 and daid["nprobe"] == 4  # default 8, of 4 lists
     pngs = {method: [p.read_bytes() for p in files] for method, (_, files) in generated.items()}
     assert pngs["showo_daid"] != pngs["showo"]  # lambda 1: the final half decides retrieved tokens
 

@@ -31,7 +31,7 @@ def data(tmp_path_factory):
 def test_file_holds_the_encoded_tokens_and_rows_follow_the_files(data):
     vq = JanusVQVAE.from_pretrained(data / "vq").eval()
     _, _, files = finetune_pairs(data / "train")
-    encoded = encode_files(vq, files, 16)
+    encoded = encode_files(vq, files, 16)  # the same batches as `arrag tokenize`: the same computation
     assert encoded.shape == (12, 4) and encoded.dtype == torch.long
     with np.load(data / "tokens.npz") as stored:
         assert stored["names"].tolist() == [f.name for f in files]
@@ -62,6 +62,7 @@ def test_lm_trained_from_the_file_equals_lm_that_encodes(data, tmp_path):
     train_lm(data / "train", data / "vq", tmp_path / "from_file", tmp_path / "b.pt", config, data / "tokens.npz")
     a = load_backbone(str(tmp_path / "encoded"))
     b = load_backbone(str(tmp_path / "from_file"))
+    # encoding in train_lm batches the files as `arrag tokenize` did, so the tokens are identical and so is training
     assert all(torch.equal(a.model.state_dict()[k], v) for k, v in b.model.state_dict().items())
     # The backbone's VQ is the trained VQ: one tokens file serves the LM and every backbone fine-tune.
     assert vq_fingerprint(b.vq) == vq_fingerprint(JanusVQVAE.from_pretrained(data / "vq"))

@@ -1,5 +1,8 @@
 """Shapes VQ training: the loss falls, and a killed run resumed from its checkpoint ends with the same weights."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -7,6 +10,7 @@ from transformers import JanusVQVAE
 
 import arrag.training.vq as vq_training
 from arrag.shapes.dataset import ShapesConfig, read_annotations, write_split
+from arrag.shapes.vocab import vocabulary
 from arrag.training.vq import VQTrainConfig, reconstruct_split, train_vq
 
 TINY = VQTrainConfig(image_size=16, grid=4, codebook_size=16, base_channels=32, channel_multiplier=(1, 1, 1),
@@ -72,6 +76,38 @@ def test_reconstructions_of_a_split_keep_ids_and_size(images, tmp_path):
     assert Image.open(tmp_path / "recon" / f"{ids[0]}.png").size == (16, 16)
 
 
+def test_uniform_object_weights_give_the_unweighted_loss_and_masks_move_it(images):
+    torch.manual_seed(0)
+    vq = JanusVQVAE(vq_training.vq_config(TINY))
+    x = vq_training.to_model_input(vq_training.read_images(images, limit=4))
+    objects = vq_training.read_object_masks(images, limit=4)
+    plain, _, _ = vq_training.train_step(vq, x, 0.25, "fp32")
+    uniform, _, _ = vq_training.train_step(vq, x, 0.25, "fp32", torch.full(objects.shape, 3.0))
+    weighted, _, _ = vq_training.train_step(vq, x, 0.25, "fp32", 1.0 + 9.0 * objects.float())
+    # the same float32 terms summed in another order: agreement to ~1e-6 relative
+    assert uniform.item() == pytest.approx(plain.item(), rel=1e-5)
+    assert 0 < objects.float().mean() < 0.5 and abs(weighted.item() - plain.item()) > 1e-3
+
+
+def test_heldout_checks_score_the_reconstructions_against_the_annotations(tmp_path, monkeypatch):
+    images = tmp_path / "heldout"  # 64 px: the detector's size (its smallest shape is 8 px wide)
+    write_split(images, "heldout", 6, ShapesConfig(image_size=64))
+    torch.manual_seed(0)
+    vq = JanusVQVAE(vq_training.vq_config(TINY)).eval()
+    monkeypatch.setattr(vq_training, "reconstruct", lambda model, x: x)  # a lossless tokenizer
+    checks = vq_training.heldout_checks(vq, images, limit=6)
+    # clean renders: the detector finds every object with its colour (tests/test_shapes_detector.py)
+    assert checks["heldout_detector"]["recall"] == 1.0 and checks["heldout_detector"]["color_accuracy"] == 1.0
+    assert checks["heldout_images"] == 6
+    # background-only PSNR by hand: every pixel painted with the annotated background colour
+    record = read_annotations(images)[0]
+    pixels = np.asarray(Image.open(images / "images" / f"{record['id']}.png").convert("RGB"), dtype=np.float64)
+    fill = np.array(vocabulary()["backgrounds"][record["background"]], dtype=np.float64)
+    first = 10 * np.log10(255.0**2 / np.mean((pixels - fill) ** 2))
+    one = vq_training.heldout_checks(vq, images, limit=1)
+    assert one["background_psnr"] == pytest.approx(first, abs=1e-3)  # float32 of values in [-1, 1]: ~1e-5 dB
+
+
 def test_the_cli_fails_below_the_configured_psnr_floor(images, tmp_path, capsys):
     from arrag.cli import main
 
@@ -84,3 +120,20 @@ def test_the_cli_fails_below_the_configured_psnr_floor(images, tmp_path, capsys)
     assert main([*common, "--out", str(tmp_path / "c"), "--checkpoint", str(tmp_path / "c.pt"),
                  "--min-heldout-psnr", str(reached + 0.5)]) == 2
     assert "shapes_models.vq.min_heldout_psnr" in capsys.readouterr().err
+
+
+def test_the_cli_fails_below_the_detector_floors(images, tmp_path, capsys):
+    from arrag.cli import main
+
+    common = ["train-vq", "--images", str(images), "--heldout", str(images), "--image-size", "16", "--steps", "2",
+              "--batch-size", "4", "--codebook-size", "16"]
+    assert main([*common, "--out", str(tmp_path / "a"), "--checkpoint", str(tmp_path / "a.pt")]) == 0
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    recall = metrics["heldout_detector"]["recall"]
+    assert recall < 1.0  # two steps of a 16-code VQ lose objects
+    assert main([*common, "--out", str(tmp_path / "b"), "--checkpoint", str(tmp_path / "b.pt"),
+                 "--min-detector-recall", str(min(1.0, recall + 0.01))]) == 2
+    assert "shapes_models.vq.min_detector_recall" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="measured on --heldout"):
+        main(["train-vq", "--images", str(images), "--out", str(tmp_path / "c"), "--checkpoint",
+              str(tmp_path / "c.pt"), "--min-color-accuracy", "0.5"])

@@ -144,8 +144,8 @@ class FAiD(nn.Module):
 
 def index_retriever(index, k: int) -> Callable[[torch.Tensor, int], torch.Tensor]:
     """retrieve(tokens [B, t], t) -> [B, k] tokens from a `PatchIndex` (k nearest patches, duplicates kept as
-    the official code)."""
+    the official code; ties drawn as `arrag.patchdb.scan` draws them)."""
     def retrieve(tokens: torch.Tensor, step: int) -> torch.Tensor:
-        return index.retrieve(tokens, step, k, unique=False)[0]
+        return index.retrieve(tokens, step, k)[0]
 
     return retrieve

@@ -2,7 +2,8 @@
 
 1. `precompute_retrievals` (one shard of the fine-tuning images, a Snakemake scatter): each image's VQ tokens
    and, for every position, the top-k patches retrieved with the teacher-forcing queries of the patch index
-   (`PatchIndex.grid_queries`: the generated-so-far neighbourhood, exactly what generation will query). The
+   (`PatchIndex.grid_queries`: the generated-so-far neighbourhood, exactly what generation will query, salted with
+   the position as generation salts with the step, so that both draw the same patches among ties). The
    fine-tuning split is held out of the database, so no image retrieves its own patches. Positions the
    index's edge policy leaves without a key get -1 (a zero patch, as the official code).
 2. `finetune_faid`: the shared loop (`arrag.training.finetune`) with the blenders as extra modules: backbone
@@ -69,7 +70,8 @@ def precompute_retrievals(index_path: str | Path, backbone_source: str, train_di
     for start in tqdm(range(0, len(rows), batch_images), desc=f"retrieve shard {shard}/{shards}", mininterval=5):
         block = tokens[start:start + batch_images]
         queries, usable = index.grid_queries(block.view(-1, grid, grid))  # [b, N, Dq], [N]
-        found, dist = index.search(queries[:, usable].flatten(0, 1), k)
+        positions = torch.arange(grid * grid)[usable].repeat(len(block))  # salts as generation's steps
+        found, dist = index.search(queries[:, usable].flatten(0, 1), k, salt=positions)
         retrieved[start:start + len(block), usable] = found.view(len(block), -1, k).int()
         distances[start:start + len(block), usable] = dist.view(len(block), -1, k)
     stored, _ = read_metadata(metadata_path(index_path))

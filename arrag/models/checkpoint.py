@@ -11,6 +11,7 @@ named in one error. Saving writes ``model.safetensors`` + ``config.json``.
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import torch
@@ -60,12 +61,41 @@ def checkpoint_files(source: str, revision: str | None = None) -> tuple[Path, li
     raise FileNotFoundError(f"{source!r} has none of the weight files {WEIGHT_NAMES} (nor their .index.json)")
 
 
+def check_safetensors(path: str | Path) -> None:
+    """Raise ValueError naming `path` unless it is a whole safetensors file: its header parses and the tensor data it
+    describes ends where the file does. A file cut short (a killed copy, a full disk) fails here with the fix,
+    rather than deep inside a loader; only the header is read."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > size - 8:
+                raise ValueError(f"a header of {length} bytes in a file of {size}")
+            header = json.loads(handle.read(length))
+        end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+        if 8 + length + end != size:
+            raise ValueError(f"{size} bytes where the header describes {8 + length + end}")
+    except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{path}: truncated or corrupt safetensors file ({err}); delete {path.parent} and rerun the "
+                         "job that wrote it") from err
+
+
+def check_safetensors_folder(source: str | Path) -> None:
+    """`check_safetensors` on every .safetensors file of a local model folder (hub ids: nothing to check here)."""
+    folder = Path(source)
+    if folder.is_dir():
+        for path in sorted(folder.glob("*.safetensors")):
+            check_safetensors(path)
+
+
 def read_checkpoint(source: str, revision: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config dict, state dict on CPU) of a checkpoint; see `checkpoint_files`."""
     config_path, weight_paths = checkpoint_files(source, revision)
     state: dict[str, torch.Tensor] = {}
     for path in weight_paths:
         if path.suffix == ".safetensors":
+            check_safetensors(path)
             state.update(load_file(path))
         else:
             state.update(torch.load(path, map_location="cpu", weights_only=True))

@@ -93,6 +93,8 @@ from transformers import (
 )
 from transformers.masking_utils import create_causal_mask
 
+from arrag.models.checkpoint import check_safetensors_folder
+
 HUB_JANUS_PRO_1B = "deepseek-community/Janus-Pro-1B"
 USER_ROLE = "<|User|>"
 ASSISTANT_ROLE = "<|Assistant|>"
@@ -165,12 +167,13 @@ def load_backbone(
 ) -> JanusBackbone:
     """Load model + processor from a hub id (pin `revision` to a commit) or a local directory alike.
 
-    `dtype=None` keeps the checkpoint's dtype (transformers' "auto"); the model is returned in eval mode.
+    `dtype=None` keeps the checkpoint's dtype (transformers' "auto"); another dtype casts every module but the VQ
+    tokenizer, which keeps its checkpoint values (its codebook identifies the patch index, and its tokens and
+    decoding do not depend on the precision the transformer runs in). The model is returned in eval mode.
     """
+    check_safetensors_folder(source)
     try:
-        model = JanusForConditionalGeneration.from_pretrained(
-            source, revision=revision, dtype=dtype, trust_remote_code=False
-        )
+        model = JanusForConditionalGeneration.from_pretrained(source, revision=revision, trust_remote_code=False)
         processor = JanusProcessor.from_pretrained(source, revision=revision, trust_remote_code=False)
     except OSError as err:
         raise FileNotFoundError(
@@ -183,6 +186,10 @@ def load_backbone(
             f"{source!r}: vision_config.num_image_tokens={model.config.vision_config.num_image_tokens} "
             f"but the VQ grid is {grid}x{grid}"
         )
+    if dtype is not None:
+        vq_state = {name: value.clone() for name, value in model.model.vqmodel.state_dict().items()}
+        model = model.to(dtype)
+        model.model.vqmodel.float().load_state_dict(vq_state)
     if device is not None:
         model = model.to(device)
     return JanusBackbone(model=model.eval(), processor=processor, source=source, revision=revision)

@@ -12,7 +12,8 @@ decoding, the raw codebook of a VQ trained without normalisation).
 
 The official AR-RAG retrieval database keys patches on the L2-normalised continuous latents
 (`encode_latents(..., l2_normalized=True)`, 8-d for Janus-Pro) and queries with normalised codebook vectors
-of already generated neighbour tokens (`codebook_vectors(..., normalized=True)`).
+of already generated neighbour tokens (`codebook_vectors(..., normalized=True)`); its Show-o (O) database keys on
+the raw +-1 LFQ vectors of MAGVIT-v2, which `codebook_vectors` returns unnormalised.
 
 Images are [B, 3, H, W] floats in [-1, 1]; token grids are [B, h, w] long with h = H / 2 ** (levels - 1).
 """
@@ -32,9 +33,12 @@ def is_magvit2(vq_model: nn.Module) -> bool:
 
 
 def codebook_vectors(vq_model: nn.Module, normalized: bool = True) -> torch.Tensor:
-    """The codebook [V, d], L2-normalised per code when `normalized` (MAGVIT-v2: its LFQ vectors, all of one norm,
-    so nearest codes do not change)."""
-    weight = magvit2.codebook_vectors(vq_model) if is_magvit2(vq_model) else vq_model.quantize.embedding.weight
+    """The codebook [V, d], L2-normalised per code when `normalized`. MAGVIT-v2: its raw +-1 LFQ vectors either way,
+    the official O keys (`img2code_O.py` stores the quantised states); normalising them would divide every squared
+    distance by the code bits K (13), and so change what a DAiD tau means."""
+    if is_magvit2(vq_model):
+        return magvit2.codebook_vectors(vq_model)
+    weight = vq_model.quantize.embedding.weight
     return F.normalize(weight, dim=-1) if normalized else weight
 
 

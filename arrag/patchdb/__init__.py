@@ -7,11 +7,12 @@ For DAiD, FAiD and analyses (details in each module):
     index = PatchIndex.load(path, expected=Fingerprint.expected(codebook, grid, KeySpec("L", "1")))
     queries, usable = index.queries(tokens_so_far [B, t], step)      # [B, D] float32, [B] bool
     queries, usable = index.grid_queries(token_grids [B, h, w])      # [B, h * w, D], [h * w] (teacher forcing)
-    tokens, distances = index.search(queries, k, unique=False)       # [B, k] long (-1: none), [B, k] squared L2
+    tokens, distances = index.search(queries, k, distinct=None)      # [B, k] long (-1: none), [B, k] squared L2
 
 Modules: `neighbourhood` (L / O keys, hops, edge policy, queries), `sources` (image sources and leakage
-guards), `encode` (images -> shard files), `token_index` (exact search over token-tuple keys), `index`
-(`PatchIndex`), `build` (train / add / merge), `fingerprint`, `analysis` (Figure 6).
+guards), `encode` (images -> shard files), `token_index` (exact search over token-tuple keys), `scan` (what a
+search returns: the k nearest patches, their distinct tokens, or the k nearest distinct tokens; seeded ties),
+`index` (`PatchIndex`), `build` (train / add / merge), `fingerprint`, `analysis` (Figure 6).
 """
 
 from arrag.patchdb.fingerprint import Fingerprint, FingerprintMismatch

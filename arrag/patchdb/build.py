@@ -35,12 +35,18 @@ class IndexParams:
     nlist: int = 0  # inverted lists; 0: ivfpq 4 sqrt(patches), tokens sqrt(patches), within [16, 65536]
     pq_m: int = 8  # ivfpq: OPQ rotation and PQ sub-quantisers (official: 8)
     pq_bits: int = 8  # ivfpq: bits per sub-quantiser code (official: 8; needs >= 256 training keys)
-    nprobe: int = 0  # lists visited per query; 0: ivfpq 32 (official retriever), tokens 8 (recall@10 1.0 at 10M)
+    # lists visited per query (ours); 0: ivfpq 32 (the value the official retriever passes), tokens 8 (recall@10 1.0
+    # at 10M); `official_nprobe`: 1, as the official runs probed (their nprobe, set on the OPQ wrapper, where FAISS
+    # ignores it, never reached the IVF)
+    nprobe: int = 0
     train_size: int = 0  # training keys; 0: ivfpq 100 nlist (official), tokens 40 nlist; at most all patches
     seed: int = 0
+    official_nprobe: bool = False
 
     @property
     def probes(self) -> int:
+        if self.official_nprobe:
+            return 1
         return self.nprobe or (32 if self.kind == "ivfpq" else 8)
 
     def __post_init__(self) -> None:

@@ -6,7 +6,7 @@ A shard file holds everything later steps need, so they never load the VQ again:
     latents    [n, h, w, d]  float32  L2-normalised encoder outputs (key space `latent` only)
     image_ids  [n]           str      id of each image in its source
     source     [n]           uint8    index into meta["sources"]
-    codebook   [V, d]        float32  the L2-normalised codebook (the vectors codebook keys and queries use)
+    codebook   [V, d]        float32  the vectors codebook keys and queries use (`codebook_vectors(normalized=True)`)
     meta                     str      JSON: fingerprint fields, shard / shards, per-source counts
 
 Keys are not stored: they are a deterministic function of these grids (`arrag.patchdb.neighbourhood`), built
@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from arrag.models.checkpoint import check_safetensors_folder
 from arrag.models.vq import codebook_vectors, encode_latents, is_magvit2, quantize_latents
 from arrag.patchdb.fingerprint import Fingerprint
 from arrag.patchdb.neighbourhood import KeySpec
@@ -53,6 +54,7 @@ def load_vq(source: str | Path, revision: str | None = None, image_size: int | N
         raise FileNotFoundError(f"image tokenizer {str(source)!r}: neither a local folder with config.json nor a "
                                 f"reachable Hugging Face repo (revision {revision!r})") from err
     config = json.loads(path.read_text())
+    check_safetensors_folder(source)
     if config.get("_class_name") == "MAGVITv2":
         return load_magvit2(str(source), revision, dtype=torch.float32, image_size=image_size)
     model_type = config.get("model_type")

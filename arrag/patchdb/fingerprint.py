@@ -90,5 +90,9 @@ class Fingerprint:
 
 def read_metadata(path: str | Path) -> tuple[Fingerprint, dict]:
     """The fingerprint and the rest of a JSON written by `Fingerprint.write`."""
-    data = json.loads(Path(path).read_text())
-    return Fingerprint.from_dict(data.pop("fingerprint")), data
+    try:
+        data = json.loads(Path(path).read_text())
+        return Fingerprint.from_dict(data.pop("fingerprint")), data
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{path}: not a fingerprint file of arrag.patchdb ({type(err).__name__}: {err}); delete it "
+                         "and the index or shard beside it and rerun the job that wrote them") from err

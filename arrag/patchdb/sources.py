@@ -156,8 +156,12 @@ class Exclusions:
     def read(cls, path: str | Path | None) -> Exclusions:
         if path is None:
             return cls()
-        data = json.loads(Path(path).read_text())
-        return cls(frozenset(data["ids"]), frozenset(data["sha256"]))
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls(frozenset(data["ids"]), frozenset(data["sha256"]))
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}: not an exclusion list ({type(err).__name__}: {err}); delete it and rerun "
+                             "`arrag exclusion-list` (the patch_exclusions rule)") from err
 
     def digest(self) -> str:
         payload = json.dumps({"ids": sorted(self.ids), "sha256": sorted(self.sha256)}).encode()

@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from arrag.precision import autocast, machine, resolve_precision
 from arrag.shapes.dataset import read_annotations
 from arrag.shapes.vocab import CLASSES
 from arrag.shapes.vocab import COLORS as WORLD_COLORS
@@ -77,7 +78,7 @@ class ClipTrainConfig:
     warmup_steps: int = 20
     weight_decay: float = 0.1
     checkpoint_every: int = 50
-    bf16: bool = True  # bf16 autocast (the Shapes CLIP trains on the CPU)
+    precision: str = "auto"  # auto | fp32 | bf16 (arrag.precision); resolved before training
     seed: int = 0
 
 
@@ -191,6 +192,7 @@ def train_clip(split_dir: str | Path, out_dir: str | Path, checkpoint: str | Pat
                heldout_dir: str | Path | None = None) -> dict:
     """Train on `split_dir` (images, masks, annotations) and save into `out_dir`; zero-shot accuracies on
     `heldout_dir` go to metrics.json. Resumes from `checkpoint` if present, with the same result."""
+    config = replace(config, precision=resolve_precision(config.precision))
     torch.manual_seed(config.seed)
     records = read_annotations(split_dir)
     scenes = read_images(split_dir)
@@ -219,7 +221,7 @@ def train_clip(split_dir: str | Path, out_dir: str | Path, checkpoint: str | Pat
         images = torch.cat([scenes[scene_rows], crops[crop_rows]])
         rows = torch.cat([scene_rows, len(scenes) + crop_rows])
         pixels = normalize_pixels(images, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+        with autocast(config.precision):
             image_features = F.normalize(model.encode_image(pixels).float(), dim=-1)
             text_features = F.normalize(model.encode_text(torch.cat([tokens[rows], negative_tokens])).float(), dim=-1)
         positives = positive_pairs(caption_ids[rows], labels[rows])
@@ -244,7 +246,8 @@ def train_clip(split_dir: str | Path, out_dir: str | Path, checkpoint: str | Pat
     metrics = {"steps": config.steps, "train_seconds": round(seconds, 1),
                "final_loss_last20": float(np.mean([r["loss"] for r in log.rows[-20:]])),
                "parameters": sum(p.numel() for p in model.parameters()), "train_scenes": len(scenes),
-               "train_crops": len(crops), "config": asdict(config)}
+               "train_crops": len(crops), "config": asdict(config),
+               "precision": config.precision, "machine": machine()}
     if heldout_dir is not None:
         metrics["zero_shot"] = zero_shot_accuracy(out_dir, heldout_dir)
     write_json_atomic(out_dir / "metrics.json", metrics)

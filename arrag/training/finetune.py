@@ -5,8 +5,8 @@ Paper values (Appendix B.3, and the official `train_FAiD.py`) are the defaults o
 epoch, global batch 256 (gradient accumulation over micro-batches), AdamW without weight decay, lr 2e-4 with a
 10 % linear warm-up then constant, gradient norm clipped at 1 (the HF Trainer default the official script
 uses), LoRA r=128, alpha=256, dropout 0.05 on the language model's q/v projections (what
-`LoraConfig(task_type="CAUSAL_LM")` targets on Llama), generation head trainable, bf16 autocast on GPU and
-fp32 on CPU.
+`LoraConfig(task_type="CAUSAL_LM")` targets on Llama), generation head trainable, bf16 autocast where the
+device computes bf16 natively (`precision: auto`, `arrag.precision`), float32 master weights.
 
 How a method plugs in:
 
@@ -44,7 +44,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -56,6 +56,7 @@ from tqdm import tqdm
 
 from arrag.clip import image_root
 from arrag.models.janus import JanusBackbone
+from arrag.precision import autocast, machine, resolve_precision
 from arrag.shapes.dataset import read_annotations
 from arrag.split_tokens import image_tokens
 from arrag.training.loop import LossLog, batch_indices, load_checkpoint, save_checkpoint, step_generator
@@ -80,7 +81,7 @@ class FinetuneConfig:
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     train_generation_head: bool = True
-    bf16: bool | None = None  # None: bf16 autocast on GPU, fp32 on CPU
+    precision: str = "auto"  # auto | fp32 | bf16 autocast (arrag.precision); resolved for the device
     checkpoint_every: int = 50  # optimizer steps
     seed: int = 0
 
@@ -211,7 +212,7 @@ def finetune(
     extra_modules = extra_modules or {}
     device = backbone.model.device
     rank, world = distributed_rank()
-    bf16 = config.bf16 if config.bf16 is not None else device.type == "cuda"
+    config = replace(config, precision=resolve_precision(config.precision, device))
     n_examples = len(next(iter(examples.values())))
     if any(len(v) != n_examples for v in examples.values()):
         raise ValueError("every tensor of `examples` needs the same first dimension")
@@ -251,7 +252,7 @@ def finetune(
             torch.manual_seed((config.seed * 1_000_039 + step) * 1_000 + micro)  # dropout: (seed, step, micro)
             batch = {key: value[micro_rows].to(device) for key, value in examples.items()}
             generator = step_generator(config.seed, step * 1_000 + micro)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with autocast(config.precision, device):
                 loss = loss_fn(backbone, batch, generator).float()
             (loss * len(micro_rows) / len(rows)).backward()
             total += loss.item() * len(micro_rows) / len(rows)
@@ -295,7 +296,8 @@ def finetune(
             "examples_seen": steps * min(n_examples, config.global_batch),
             "train_seconds": round(seconds, 1), "loss_first": sum(losses[:window]) / window,
             "loss_last": sum(losses[-window:]) / window, "loss_window": window,
-            "trainable_parameters": sum(p.numel() for p in parameters.values()), "bf16": bf16,
+            "trainable_parameters": sum(p.numel() for p in parameters.values()), "precision": config.precision,
+            "machine": machine(device),
             "config": asdict(config)}
 
 

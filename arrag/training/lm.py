@@ -11,7 +11,7 @@ train. The result is saved with `save_pretrained` (safetensors + processor) and 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ from arrag.models.janus import (
 )
 from arrag.models.vq import decode_tokens
 from arrag.patchdb.encode import vq_geometry
+from arrag.precision import autocast, machine, resolve_precision
 from arrag.training.finetune import finetune_pairs
 from arrag.training.loop import batch_indices, optimizer_step, resume, save_training, step_generator, warmup_cosine
 from evaluators.io import write_json_atomic
@@ -51,7 +52,7 @@ class LMTrainConfig:
     warmup_steps: int = 100
     caption_dropout: float = 0.1
     checkpoint_every: int = 100
-    bf16: bool = True
+    precision: str = "auto"  # auto | fp32 | bf16 (arrag.precision); resolved before training
     seed: int = 0
 
 
@@ -93,6 +94,7 @@ def train_lm(train_dir: str | Path, vq_dir: str | Path, out_dir: str | Path, che
     """Train and save the backbone into `out_dir` (with loss.csv, loss.png, metrics.json, samples.png).
     The images' tokens come from `tokens_file` (`arrag tokenize`) when given, else are encoded here.
     Resumes from `checkpoint` if present; the result is the same as an uninterrupted run."""
+    config = replace(config, precision=resolve_precision(config.precision))
     torch.manual_seed(config.seed)
     vq = JanusVQVAE.from_pretrained(vq_dir).eval()
     _, captions, files = finetune_pairs(train_dir)
@@ -111,7 +113,7 @@ def train_lm(train_dir: str | Path, vq_dir: str | Path, out_dir: str | Path, che
         ids, mask, targets = input_ids[rows], attention_mask[rows], image_tokens[rows]
         dropped = torch.rand(len(rows), generator=step_generator(config.seed, step)) < config.caption_dropout
         ids = torch.where(dropped[:, None], unconditional_ids(backbone, ids), ids)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+        with autocast(config.precision):
             logits = forward_teacher_forced(backbone, ids, targets, mask)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         optimizer_step(optimizer, parameters, loss, learning_rate(config, step))
@@ -129,7 +131,8 @@ def train_lm(train_dir: str | Path, vq_dir: str | Path, out_dir: str | Path, che
     metrics = {"steps": config.steps, "train_seconds": round(seconds, 1),
                "final_loss_last50": float(np.mean([r["loss"] for r in log.rows[-50:]])),
                "trainable_parameters": sum(p.numel() for p in parameters), "train_images": len(captions),
-               "config": asdict(config)}
+               "config": asdict(config),
+               "precision": config.precision, "machine": machine()}
     write_json_atomic(out_dir / "metrics.json", metrics)
     return metrics
 

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +65,7 @@ from arrag.models.showo import (
 )
 from arrag.models.vq import decode_tokens, is_magvit2
 from arrag.patchdb.encode import load_vq, vq_geometry
+from arrag.precision import autocast, machine, resolve_precision
 from arrag.training.finetune import finetune_pairs
 from arrag.training.loop import batch_indices, optimizer_step, resume, save_training, step_generator, warmup_cosine
 from evaluators.io import write_json_atomic
@@ -79,14 +80,14 @@ class ShowoTrainConfig:
     num_heads: int = 4
     intermediate_size: int = 512
     max_text_len: int = 32  # caption tokens incl. <bos> <eos>; Shapes captions need <= 16, DPG prompts <= 31
-    steps: int = 500  # 0.30-0.36 s/step on 2 cores (bf16, batch 32): about 3 min, + about 1 min to encode 8000 images
+    steps: int = 500  # 0.30-0.36 s/step on 2 cores (native bf16, batch 32): about 3 min, + 1 min to encode 8000 images
     batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 100
     caption_dropout: float = 0.1
     mask_schedule: str = "cosine"
     checkpoint_every: int = 100
-    bf16: bool = True
+    precision: str = "auto"  # auto | fp32 | bf16 (arrag.precision); resolved before training
     seed: int = 0
 
 
@@ -153,6 +154,7 @@ def train_shapes_showo(vq_dir: str | Path, train_dir: str | Path, out_dir: str |
     `heldout_dir` (optional) gives the held-out masked-token CE and the sample captions; `sample_guidance` and
     `sample_steps` set the decoding of sample_grid.png; the training images' tokens come from `tokens_file`
     (`arrag tokenize`) when given, else are encoded here. Returns the metrics."""
+    config = replace(config, precision=resolve_precision(config.precision))
     torch.manual_seed(config.seed)
     vq = JanusVQVAE.from_pretrained(vq_dir).eval()
     _, captions, files = finetune_pairs(train_dir)
@@ -171,7 +173,7 @@ def train_shapes_showo(vq_dir: str | Path, train_dir: str | Path, out_dir: str |
         targets = image_tokens[rows]
         batch_captions, grid, masked = training_batch([captions[i] for i in rows.tolist()], targets, mask_id, config,
                                                       step_generator(config.seed, step))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+        with autocast(config.precision):
             logits = forward_teacher_forced(backbone, batch_captions, grid)
         loss = masked_token_loss(logits, targets, masked)
         optimizer_step(optimizer, parameters, loss, learning_rate(config, step))
@@ -204,7 +206,7 @@ def train_shapes_showo(vq_dir: str | Path, train_dir: str | Path, out_dir: str |
     sampling = MaskGitSampling(guidance_scale=sample_guidance, steps=sample_steps)
     save_sample_grid(backbone, vq, sample_captions, out_dir / "sample_grid.png", config.seed, sampling)
     metrics["sampling"] = asdict(sampling)
-    metrics["config"] = asdict(config)
+    metrics.update(config=asdict(config), precision=config.precision, machine=machine())
     write_json_atomic(out_dir / "metrics.json", metrics)
     return metrics
 
@@ -246,7 +248,7 @@ def evaluate_masked_ce(backbone: ShowoBackbone, captions: list[str], tokens: tor
         targets = tokens[start:start + batch_size]
         times = torch.rand(len(targets), generator=generator)
         grid, masked = mask_tokens(targets, mask_id, times, generator, config.mask_schedule)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+        with autocast(resolve_precision(config.precision)):
             logits = forward_teacher_forced(backbone, captions[start:start + batch_size], grid)
         total += masked_token_loss(logits, targets, masked).item() * int(masked.sum())
         count += int(masked.sum())

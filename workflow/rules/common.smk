@@ -2,8 +2,14 @@
 import importlib.util
 import os
 import shlex
+import sys
+
+# This workflow's own packages, also where another copy of them is installed: the jobs run them (PYTHONPATH below),
+# and the rules' code hashes (arrag.codehash) must be of the same files.
+sys.path.insert(0, workflow.basedir)
 
 from arrag.cli import COMMANDS
+from arrag.codehash import code_hash
 from arrag.config import ConfigError, config_hash, validate
 from arrag.tables import OUTPUTS as TABLE_OUTPUTS, TABLES
 

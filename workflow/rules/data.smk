@@ -7,6 +7,7 @@ rule shapes_split:
     output:
         directory(f"{R}/shapes/{{split}}"),
     params:
+        code=code_hash("shapes-world"),
         n_images=lambda wc: config["shapes"]["splits"][wc.split],
         seed=config["seed"],
         size=config["shapes"]["image_size"],
@@ -27,6 +28,7 @@ rule shapes_benchmarks:
     output:
         directory(f"{R}/benchmarks"),
     params:
+        code=code_hash("shapes-benchmarks"),
         seed=config["seed"],
         size=config["shapes"]["image_size"],
         supersample=config["shapes"]["supersample"],

@@ -12,6 +12,7 @@ rule image_metric:
         bench="mjhq|mjhq_ablation",
         metric="fid|cmmd|fwd",
     params:
+        code=lambda wc: code_hash(f"eval:{wc.metric}"),
         images=generated_images,
         real=benchmark_path("mjhq_images"),
         clip=lambda wc: open_clip_args(config["evaluation"]["cmmd_model"], config["evaluation"]["cmmd_pretrained"])
@@ -29,7 +30,7 @@ rule image_metric:
         f"{LOGS}/metrics/{{bench}}/{{method}}/{{variant}}/{{metric}}.log",
     shell:
         "OMP_NUM_THREADS={threads} python -m evaluators {wildcards.metric} {params.real:q} {params.images:q} --out {output:q}"
-        " {params.clip:q} {params.per_category:q} --seed {params.seed} --config-hash {params.config_hash} > {log:q} 2>&1"
+        " {params.clip:q} {params.per_category:q} --seed {params.seed} --config-hash {params.config_hash} --generation-record {input.record:q} > {log:q} 2>&1"
 
 
 rule geneval_score:
@@ -43,6 +44,7 @@ rule geneval_score:
     wildcard_constraints:
         bench="geneval",
     params:
+        code=code_hash("eval:geneval"),
         images=generated_images,
         backend=geneval_backend_args(),
         seed=config["seed"],
@@ -55,7 +57,7 @@ rule geneval_score:
         f"{LOGS}/metrics/{{bench}}/{{method}}/{{variant}}/geneval.log",
     shell:
         "OMP_NUM_THREADS={threads} python -m evaluators geneval {params.images:q} {params.backend:q}"
-        " --out {output:q} --seed {params.seed} --config-hash {params.config_hash} > {log:q} 2>&1"
+        " --out {output:q} --seed {params.seed} --config-hash {params.config_hash} --generation-record {input.record:q} > {log:q} 2>&1"
 
 
 rule dpg_score:
@@ -68,6 +70,7 @@ rule dpg_score:
     wildcard_constraints:
         bench="dpg",
     params:
+        code=code_hash("eval:dpg"),
         images=generated_images,
         questions=benchmark_path("dpg_questions"),
         backend=dpg_backend_args(),
@@ -82,7 +85,7 @@ rule dpg_score:
     shell:
         "OMP_NUM_THREADS={threads} python -m evaluators dpg {params.images:q} --questions {params.questions:q} {params.backend:q}"
         " --out {output:q} --seed {params.seed}"
-        " --config-hash {params.config_hash} > {log:q} 2>&1"
+        " --config-hash {params.config_hash} --generation-record {input.record:q} > {log:q} 2>&1"
 
 
 rule select:
@@ -97,6 +100,7 @@ rule select:
     wildcard_constraints:
         method="daid|faid",
     params:
+        code=code_hash("select"),
         pinned=lambda wc: pinned_values(wc.method),
     conda:
         MAIN_ENV
@@ -117,6 +121,7 @@ rule check_shapes_detector:
     wildcard_constraints:
         kind="clean|vq",
     params:
+        code=code_hash("eval:geneval"),
         images=lambda wc, input: ["--validate-images", input.images] if wc.kind == "vq" else [],
     conda:
         MAIN_ENV
@@ -133,6 +138,8 @@ rule check_dpg_vqa:
         BENCHMARK_DIR,
     output:
         f"{R}/checks/dpg_vqa_truth.json",
+    params:
+        code=code_hash("eval:dpg"),
     conda:
         MAIN_ENV
     log:
@@ -150,6 +157,8 @@ rule vq_reconstructions:
         split=f"{R}/shapes/heldout",
     output:
         directory(f"{R}/checks/vq_reconstructions"),
+    params:
+        code=code_hash("vq-reconstruct"),
     conda:
         MAIN_ENV
     log:

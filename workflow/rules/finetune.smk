@@ -12,6 +12,7 @@ rule precompute_retrievals:
     output:
         f"{R}/faid/retrievals/{{shard}}.npz",
     params:
+        code=code_hash("precompute-retrievals"),
         k=config["faid"]["k"],
         shards=config["index"]["shards"],
         device=config["device"],
@@ -42,6 +43,8 @@ rule finetune_faid:
         hops=r"[1-9]+",
         m=r"\d+",
     params:
+        code=code_hash("finetune-faid"),
+        precision=config["precision"],
         launch=FINETUNE_LAUNCH,
         checkpoint=lambda wc: f"{R}/checkpoints/faid/hops{wc.hops}_m{wc.m}",
         device=config["device"],
@@ -64,7 +67,7 @@ rule finetune_faid:
         " --images {input.images:q} --hops {wildcards.hops} --num-blenders {wildcards.m} --k {params.k} --out {output:q}"
         " --checkpoint {params.checkpoint:q} --device {params.device} --caption-dropout {params.dropout} --init {params.init}"
         " {params.tuning:q}"
-        " --seed {params.seed} {input.retrievals:q} > {log:q} 2>&1"
+        " --seed {params.seed} {input.retrievals:q} --precision {params.precision} > {log:q} 2>&1"
 
 
 rule build_clip_index:
@@ -75,6 +78,7 @@ rule build_clip_index:
     output:
         directory(f"{R}/racm3/clip_index"),
     params:
+        code=code_hash("build-clip-index"),
         clip=open_clip_args(config["racm3"]["clip_model"], config["racm3"]["clip_pretrained"]),
         device=config["device"],
     threads: 2
@@ -100,6 +104,8 @@ rule finetune_racm3:
     output:
         directory(f"{R}/models/racm3"),
     params:
+        code=code_hash("finetune-racm3"),
+        precision=config["precision"],
         launch=FINETUNE_LAUNCH,
         checkpoint=f"{R}/checkpoints/racm3",
         device=config["device"],
@@ -121,4 +127,4 @@ rule finetune_racm3:
         " --tokens {input.tokens:q}"
         " --clip-index {input.clip_index:q} --out {output:q} --checkpoint {params.checkpoint:q} --device {params.device}"
         " --revision={params.revision:q} --top-n {params.top_n} --caption-dropout {params.dropout} {params.tuning:q}"
-        " --seed {params.seed} > {log:q} 2>&1"
+        " --seed {params.seed} --precision {params.precision} > {log:q} 2>&1"

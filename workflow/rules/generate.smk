@@ -11,6 +11,8 @@ rule generate:
     output:
         f"{R}/generated/{{bench}}/{{method}}/{{variant}}/shards/{{shard}}.json",
     params:
+        code=code_hash("generate"),
+        precision=config["precision"],
         prompts=prompt_source,
         images=lambda wc: f"{R}/generated/{wc.bench}/{wc.method}/{wc.variant}/images",
         shards=lambda wc: config["sampling"]["shards"][wc.bench],
@@ -26,6 +28,7 @@ rule generate:
         subset=config["benchmarks"]["mjhq"]["ablation_subset"],
         method=lambda wc, input: method_arguments(wc, input),
         daid_k=config["daid"]["k"],
+        daid_retrieval=config["daid"]["retrieval"],
     resources:
         gpu=0 if SHAPES else 1,
     threads: EVAL_THREADS
@@ -39,7 +42,7 @@ rule generate:
         " --revision={params.revision:q} --device {params.device} --shards {params.shards} --seed {params.seed}"
         " --cfg-weight {params.cfg} --temperature {params.temperature} --top-k {params.top_k} --top-p {params.top_p}"
         " --micro-batch {params.micro_batch} --samples-per-prompt {params.samples} --ablation-subset {params.subset}"
-        " {params.method:q} --daid-k {params.daid_k} --images {params.images:q} --record {output:q} > {log:q} 2>&1"
+        " {params.method:q} --daid-k {params.daid_k} --daid-retrieval {params.daid_retrieval} --images {params.images:q} --record {output:q} --precision {params.precision} > {log:q} 2>&1"
 
 
 rule gather_generation:
@@ -59,6 +62,7 @@ rule gather_generation:
             labels={"method": "{method}", "variant": "{variant}"},
         ),
     params:
+        code=code_hash("generate"),
         images=lambda wc: f"{R}/generated/{wc.bench}/{wc.method}/{wc.variant}/images",
     conda:
         MAIN_ENV

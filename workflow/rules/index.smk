@@ -28,6 +28,8 @@ rule patch_exclusions:
         EXCLUDED_IMAGES,
     output:
         f"{R}/index/exclusions.json",
+    params:
+        code=code_hash("exclusion-list"),
     conda:
         MAIN_ENV
     log:
@@ -45,6 +47,7 @@ rule encode_patches:
     output:
         f"{R}/index/shards/{{shard}}.npz",
     params:
+        code=code_hash("encode-patches"),
         shards=INDEX["shards"],
         key_args=INDEX_KEY_ARGS,
         batch_size=INDEX["batch_size"],
@@ -70,8 +73,10 @@ rule train_index:
         index=f"{R}/index/trained.{INDEX_SUFFIX}",
         meta=f"{R}/index/trained.{INDEX_SUFFIX}.json",
     params:
+        code=code_hash("train-index"),
         kind=INDEX["type"],
-        ivf=f"--nlist {INDEX['nlist']} --pq-m {INDEX['pq_m']} --nprobe {INDEX['nprobe']} --train-size {INDEX['train_size']}",
+        ivf=f"--nlist {INDEX['nlist']} --pq-m {INDEX['pq_m']} --nprobe {INDEX['nprobe']} --train-size {INDEX['train_size']}"
+        + (" --official-nprobe" if INDEX["official_nprobe"] else ""),
         seed=config["seed"],
     conda:
         MAIN_ENV
@@ -91,6 +96,8 @@ rule add_shard:
     output:
         index=f"{R}/index/added/{{shard}}.{INDEX_SUFFIX}",
         meta=f"{R}/index/added/{{shard}}.{INDEX_SUFFIX}.json",
+    params:
+        code=code_hash("add-shard"),
     conda:
         MAIN_ENV
     log:
@@ -111,6 +118,7 @@ rule merge_index:
         index=INDEX_FILE,
         sidecars=INDEX_SIDECARS,
     params:
+        code=code_hash("merge-index"),
         ondisk="--ondisk" if INDEX["ondisk"] else "",
     conda:
         MAIN_ENV
@@ -132,6 +140,7 @@ rule retrieval_analysis:
         csv=report(f"{R}/analysis/retrieval_accuracy.csv", category="Patch retrieval"),
         png=report(f"{R}/analysis/retrieval_accuracy.png", category="Patch retrieval"),
     params:
+        code=code_hash("retrieval-analysis"),
         limit=INDEX["analysis_images"],
         k=INDEX["analysis_k"],
         seed=config["seed"],

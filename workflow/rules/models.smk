@@ -9,13 +9,18 @@ rule train_shapes_vq:
     output:
         directory(f"{R}/models/vq"),
     params:
+        code=code_hash("train-vq"),
+        precision=config["precision"],
         checkpoint=f"{R}/checkpoints/vq.pt",
         size=config["shapes"]["image_size"],
         steps=config["shapes_models"]["vq"]["steps"],
         batch_size=config["shapes_models"]["vq"]["batch_size"],
         lr=config["shapes_models"]["vq"]["lr"],
         codebook_size=config["shapes_models"]["vq"]["codebook_size"],
+        object_weight=config["shapes_models"]["vq"]["object_weight"],
         min_psnr=config["shapes_models"]["vq"]["min_heldout_psnr"],
+        min_recall=config["shapes_models"]["vq"]["min_detector_recall"],
+        min_color=config["shapes_models"]["vq"]["min_color_accuracy"],
         seed=config["seed"],
     threads: 2
     priority: CHAIN_PRIORITY
@@ -27,7 +32,8 @@ rule train_shapes_vq:
         "OMP_NUM_THREADS={threads} python -m arrag.cli train-vq --images {input.images:q} --heldout {input.heldout:q} --out {output:q}"
         " --checkpoint {params.checkpoint:q} --image-size {params.size} --steps {params.steps}"
         " --batch-size {params.batch_size} --lr {params.lr} --codebook-size {params.codebook_size}"
-        " --min-heldout-psnr {params.min_psnr} --seed {params.seed} > {log:q} 2>&1"
+        " --object-weight {params.object_weight} --min-heldout-psnr {params.min_psnr} --min-detector-recall {params.min_recall}"
+        " --min-color-accuracy {params.min_color} --seed {params.seed} --precision {params.precision} > {log:q} 2>&1"
 
 
 rule tokenize_split:
@@ -38,6 +44,7 @@ rule tokenize_split:
     output:
         SPLIT_TOKENS,
     params:
+        code=code_hash("tokenize"),
         device=config["device"],
         revision=config["backbone"]["revision"] or "",
     threads: 2
@@ -62,6 +69,8 @@ rule train_shapes_lm:
     output:
         directory(f"{R}/models/backbone"),
     params:
+        code=code_hash("train-lm"),
+        precision=config["precision"],
         checkpoint=f"{R}/checkpoints/lm.pt",
         steps=config["shapes_models"]["lm"]["steps"],
         batch_size=config["shapes_models"]["lm"]["batch_size"],
@@ -83,7 +92,7 @@ rule train_shapes_lm:
         " --vq {input.vq:q} --out {output:q}"
         " --checkpoint {params.checkpoint:q} --steps {params.steps} --batch-size {params.batch_size} --lr {params.lr}"
         " --hidden-size {params.hidden} --num-layers {params.layers} --num-heads {params.heads}"
-        " --intermediate-size {params.ffn} --caption-dropout {params.dropout} --seed {params.seed} > {log:q} 2>&1"
+        " --intermediate-size {params.ffn} --caption-dropout {params.dropout} --seed {params.seed} --precision {params.precision} > {log:q} 2>&1"
 
 
 rule train_shapes_clip:
@@ -95,6 +104,8 @@ rule train_shapes_clip:
     output:
         directory(SHAPES_CLIP),
     params:
+        code=code_hash("train-clip"),
+        precision=config["precision"],
         checkpoint=f"{R}/checkpoints/clip.pt",
         size=config["shapes"]["image_size"],
         steps=config["shapes_models"]["clip"]["steps"],
@@ -110,4 +121,4 @@ rule train_shapes_clip:
     shell:
         "OMP_NUM_THREADS={threads} python -m arrag.cli train-clip --images {input.images:q} --heldout {input.heldout:q}"
         " --out {output:q} --checkpoint {params.checkpoint:q} --image-size {params.size} --steps {params.steps}"
-        " --batch-size {params.batch_size} --lr {params.lr} --seed {params.seed} > {log:q} 2>&1"
+        " --batch-size {params.batch_size} --lr {params.lr} --seed {params.seed} --precision {params.precision} > {log:q} 2>&1"

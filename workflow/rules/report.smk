@@ -13,6 +13,7 @@ rule tables:
         f"{R}/tables/README.md",
         *[tables_output(name) for name in TABLE_OUTPUTS],
     params:
+        code=code_hash("tables"),
         run_dir=lambda wildcards, output: os.path.dirname(os.path.dirname(output[0])),
         out_dir=lambda wildcards, output: os.path.dirname(output[0]),
         reported=lambda wildcards, input: os.path.dirname(input.reported[0]),

@@ -20,6 +20,8 @@ if SHAPES:
         output:
             directory(SHOWO_MODEL),
         params:
+            code=code_hash("train-showo"),
+            precision=config["precision"],
             checkpoint=f"{R}/checkpoints/showo.pt",
             train=finetune_arguments(SHOWO["train"]),
             guidance=SHOWO["sampling"]["guidance_scale"],
@@ -34,7 +36,7 @@ if SHAPES:
         shell:
             "OMP_NUM_THREADS={threads} python -m arrag.cli train-showo --images {input.images:q} --heldout {input.heldout:q}"
             " --vq {input.vq:q} --tokens {input.tokens:q} --out {output:q} --checkpoint {params.checkpoint:q} {params.train:q}"
-            " --guidance-scale {params.guidance} --maskgit-steps {params.steps} --seed {params.seed} > {log:q} 2>&1"
+            " --guidance-scale {params.guidance} --maskgit-steps {params.steps} --seed {params.seed} --precision {params.precision} > {log:q} 2>&1"
 
 
 rule showo_index:
@@ -45,9 +47,11 @@ rule showo_index:
         index=SHOWO_INDEX,
         sidecars=SHOWO_INDEX_SIDECARS,
     params:
+        code=code_hash("build-index"),
         hops=SHOWO["index"]["hops"],
         edge=SHOWO["index"]["edge_policy"],
         nprobe=config["index"]["nprobe"],
+        official_nprobe="--official-nprobe" if config["index"]["official_nprobe"] else "",
         seed=config["seed"],
     threads: 1
     priority: CHAIN_PRIORITY
@@ -57,7 +61,7 @@ rule showo_index:
         f"{LOGS}/showo_index.log",
     shell:
         "OMP_NUM_THREADS={threads} python -m arrag.cli build-index --type tokens --neighbourhood O --hops {params.hops}"
-        " --edge-policy {params.edge} --nprobe {params.nprobe} --seed {params.seed} --out {output.index:q} {input:q}"
+        " --edge-policy {params.edge} --nprobe {params.nprobe} {params.official_nprobe} --seed {params.seed} --out {output.index:q} {input:q}"
         " > {log:q} 2>&1"
 
 
@@ -74,6 +78,8 @@ rule finetune_showo_faid:
     output:
         directory(f"{R}/models/showo_faid"),
     params:
+        code=code_hash("finetune-showo-faid"),
+        precision=config["precision"],
         launch=FINETUNE_LAUNCH,
         checkpoint=f"{R}/checkpoints/showo_faid",
         hops=SHOWO["faid"]["hops"],
@@ -101,7 +107,7 @@ rule finetune_showo_faid:
         " --hops {params.hops} --num-blenders {params.m} --k {params.k} --max-images {params.images}"
         " --noise-draws {params.draws} --caption-dropout {params.dropout} --out {output:q}"
         " --checkpoint {params.checkpoint:q} --device {params.device} {params.tuning:q} --seed {params.seed}"
-        " > {log:q} 2>&1"
+        " --precision {params.precision} > {log:q} 2>&1"
 
 
 if not SHAPES:
@@ -115,6 +121,7 @@ if not SHAPES:
         output:
             f"{R}/index_showo/shards/{{shard}}.npz",
         params:
+            code=code_hash("encode-patches"),
             shards=INDEX["shards"],
             size=SHOWO["image_size"],
             hops=SHOWO["index"]["hops"],
@@ -141,6 +148,7 @@ if not SHAPES:
         output:
             SHOWO_TOKENS,
         params:
+            code=code_hash("tokenize"),
             size=SHOWO["image_size"],
             device=config["device"],
         threads: 2
