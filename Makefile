@@ -22,19 +22,18 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/arrag stages
 	$(BIN)/snakemake --cores $(CORES) --configfile config/demo.yaml
 	@echo
 	@echo "Shapes world, benchmarks, models and metrics: results/demo/   logs: logs/demo/"
-	@test -f results/demo/tables/README.md && echo "Tables and figures: results/demo/tables/" \
-		|| echo "Tables: not produced yet (see the stages listed above as not implemented yet)"
+	@echo "Tables and figures: results/demo/tables/ (index: results/demo/tables/README.md)"
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check arrag evaluators tests benchmarks
-	$(BIN)/snakemake --lint --configfile config/demo.yaml
+	$(BIN)/snakefmt --check Snakefile workflow/rules
+	for c in demo ci config; do $(BIN)/snakemake --lint --configfile config/$$c.yaml || exit 1; done
 
 # The suite at 1, 2 and 4 threads, natively and on an emulated AVX2-only CPU, in a fresh clone of HEAD (about an
 # hour on 2 cores); run it before submitting a change that touches numerics or tests.
@@ -42,7 +41,7 @@ portability:
 	$(PYTHON) benchmarks/portability.py
 
 dry-run: $(STAMP)
-	for c in demo ci config; do $(BIN)/snakemake everything -n -q --configfile config/$$c.yaml || exit 1; done
+	for c in demo ci config; do $(BIN)/snakemake -n -q --configfile config/$$c.yaml || exit 1; done
 
 clean-demo:
 	rm -rf results/demo logs/demo

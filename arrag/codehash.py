@@ -2,8 +2,10 @@
 `evaluators` code a rule runs reruns that rule (and what depends on it), and no other.
 
 A step is an `arrag` subcommand (`train-vq`) or an evaluator (`eval:fid`). Its source is:
-- `arrag` subcommands: the command's function and argument parser in `arrag/cli.py`, with the `cli.py` helpers
-  they call (not the rest of `cli.py`), and every module of `arrag` / `evaluators` they import, transitively;
+- `arrag` subcommands: the command's function and argument parser in its stage module (`arrag/cli/<stage>.py`),
+  with the functions of that module they call (not the rest of it), and every module of `arrag` / `evaluators`
+  they and the top of that module import, transitively (`arrag/cli/__init__.py`, which runs every command, among
+  them; it imports the stage modules by name only, when the parser is built);
 - evaluators: `evaluators/__main__.py` and the metric's module, with their imports, transitively.
 Imports are read from the syntax tree (function-level imports included, whether or not a run reaches them),
 so the set is a superset of what runs: a change outside it cannot change the step's output.
@@ -66,10 +68,10 @@ def module_closure(names: frozenset[str]) -> tuple[Path, ...]:
 
 
 @cache
-def cli_functions() -> tuple[dict[str, tuple[str, frozenset[str], frozenset[str]]], frozenset[str]]:
-    """`arrag/cli.py` read once: {function: (source, modules it imports, cli functions it names)}, and the
-    modules imported at the top of the file."""
-    path = ROOT / "arrag" / "cli.py"
+def cli_functions(module: str) -> tuple[dict[str, tuple[str, frozenset[str], frozenset[str]]], frozenset[str]]:
+    """A stage module of `arrag.cli` read once: {function: (source, modules it imports, functions of the module it
+    names)}, and the modules imported at the top of the file."""
+    path = module_file(module)
     lines = path.read_text().splitlines(keepends=True)
     tree = ast.parse("".join(lines), str(path))
     names = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
@@ -83,13 +85,13 @@ def cli_functions() -> tuple[dict[str, tuple[str, frozenset[str], frozenset[str]
 
 
 def cli_sources(command: str) -> tuple[list[str], set[str]]:
-    """(sources of the command's function, its parser and the `cli.py` helpers they call; the modules these and
-    the top of `cli.py` import)."""
-    from arrag.cli import COMMANDS
+    """(sources of the command's function, its parser and the functions of its module they call; the modules these,
+    the top of that module and the `arrag.cli` package import, with the package itself)."""
+    from arrag.cli import command_module, commands
 
-    functions, modules = cli_functions()
-    function, _, _, add_arguments = COMMANDS[command]
-    modules, pending, seen = set(modules), [function.__name__, add_arguments.__name__], set()
+    function, _, add_arguments = commands()[command]
+    functions, modules = cli_functions(command_module(command))
+    modules, pending, seen = set(modules) | {"arrag.cli"}, [function.__name__, add_arguments.__name__], set()
     while pending:
         name = pending.pop()
         if name in seen:
@@ -116,6 +118,6 @@ def code_hash(step: str) -> str:
 
 
 def step_files(step: str) -> list[str]:
-    """The repository files whose content `code_hash(step)` covers (besides the cli.py functions)."""
+    """The repository files whose content `code_hash(step)` covers (besides the functions of its stage module)."""
     modules = {"evaluators.__main__", f"evaluators.{step[5:]}"} if step.startswith("eval:") else cli_sources(step)[1]
     return [p.relative_to(ROOT).as_posix() for p in module_closure(frozenset(modules))]

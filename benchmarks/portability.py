@@ -7,7 +7,8 @@ Clones the repository's committed HEAD into a temporary folder beside it, instal
 (`make install`), then runs `make test` once per cell (OMP_NUM_THREADS x CPU), resetting the clone to its
 committed state before each cell (`git clean -xdf`, the virtual environment kept). `avx2` emulates an AVX2-only
 CPU on any x86 machine: ATEN_CPU_CAPABILITY=avx2 (torch's kernels) and ONEDNN_MAX_CPU_ISA=AVX2 (oneDNN's), which
-turns off native bf16 (`arrag.precision` then resolves `auto` to fp32). Prints the table, then one JSON object;
+turns off native bf16 (`arrag.precision` then resolves `auto` to fp32). Each cell's pytest output goes to
+$TMPDIR/arrag-portability-<cpu>-t<threads>.log. Prints the table, then one JSON object;
 the clone is deleted at the end (a virtual environment is about 6 GB) unless --keep.
 """
 
@@ -68,11 +69,13 @@ def main() -> int:
                 result = subprocess.run(["make", "test"], cwd=clone, env=env, capture_output=True, text=True)
                 seconds = time.perf_counter() - started
                 output = result.stdout + result.stderr
+                log = Path(tempfile.gettempdir()) / f"arrag-portability-{cpu}-t{threads}.log"
+                log.write_text(output)  # the whole pytest output, its slowest tests included
                 cell = {"cpu": cpu, "threads": threads, "result": "pass" if result.returncode == 0 else "FAIL",
                         "seconds": round(seconds), **counts(output),
                         "failures": re.findall(r"^(?:FAILED|ERROR) (\S+)", output, re.MULTILINE)}
                 cells.append(cell)
-                print(f"{cpu:>6} x {threads} threads: {cell['result']} {counts(output)} in {seconds:.0f} s",
+                print(f"{cpu:>6} x {threads} threads: {cell['result']} {counts(output)} in {seconds:.0f} s ({log})",
                       file=sys.stderr, flush=True)
     finally:
         if args.keep:

@@ -147,7 +147,10 @@ def test_positions_with_the_same_neighbours_share_one_query(world):
     grid = torch.full((2, SIDE * SIDE), backbone.config.mask_token_id)  # nothing decoded: every neighbour missing
     retrieved, _ = retrieve_masked(index, grid, undecided(grid, CODES), 3, "patches")
     assert len(calls) == 1 and len(calls[0]) == 1
-    assert (retrieved == retrieved[0, 0]).all() and (retrieved >= 0).all()
+    # every position gets the one query's result: the distinct tokens of the 3 nearest patches, which may be fewer
+    # than 3 (-1 after them; how many depends on near-ties of the patches' key norms, so on the CPU's summation)
+    own_tokens, _ = index.search(calls[0], 3, "patches")
+    assert (retrieved == own_tokens[0]).all() and (own_tokens[0, 0] >= 0)
 
 
 def test_skip_policy_queries_inner_masked_cells_only(world):

@@ -135,13 +135,23 @@ def test_a_source_change_changes_the_hash_of_the_steps_that_run_it_only(repo_cop
 
 
 def test_a_cli_change_reaches_only_the_command_it_is_in(repo_copy):
-    before = {step: codehash.code_hash(step) for step in ("train-vq", "generate")}
-    cli = repo_copy / "arrag" / "cli.py"
-    cli.write_text(cli.read_text().replace("def cmd_generate(args: argparse.Namespace) -> int:\n",
-                                           "def cmd_generate(args: argparse.Namespace) -> int:\n    pass\n"))
+    """An edit of one command's function changes that command's hash only, also among the commands of its own stage
+    module (train-lm beside train-vq); an edit of the shared options reaches every command."""
+    steps = ("train-vq", "train-lm", "generate")
+    before = {step: codehash.code_hash(step) for step in steps}
+    generate = repo_copy / "arrag" / "cli" / "generate.py"
+    generate.write_text(generate.read_text().replace("def cmd_generate(args: argparse.Namespace) -> int:\n",
+                                                     "def cmd_generate(args: argparse.Namespace) -> int:\n    pass\n"))
+    models = repo_copy / "arrag" / "cli" / "models.py"
+    models.write_text(models.read_text().replace("def cmd_train_lm(args: argparse.Namespace) -> None:\n",
+                                                 "def cmd_train_lm(args: argparse.Namespace) -> None:\n    pass\n"))
     codehash.cli_functions.cache_clear()
-    assert codehash.code_hash("generate") != before["generate"]
-    assert codehash.code_hash("train-vq") == before["train-vq"]
+    after = {step: codehash.code_hash(step) for step in steps}
+    assert [step for step in steps if after[step] != before[step]] == ["train-lm", "generate"]
+    touch(repo_copy / "arrag" / "cli" / "options.py")
+    codehash.module_closure.cache_clear()
+    codehash.module_imports.cache_clear()
+    assert all(codehash.code_hash(step) != after[step] for step in steps)
 
 
 def test_the_code_hash_is_the_same_in_every_process():

@@ -1,5 +1,4 @@
 # Shared definitions: config validation, paths, and the list of targets per stage.
-import importlib.util
 import os
 import shlex
 import sys
@@ -8,7 +7,6 @@ import sys
 # and the rules' code hashes (arrag.codehash) must be of the same files.
 sys.path.insert(0, workflow.basedir)
 
-from arrag.cli import COMMANDS
 from arrag.codehash import code_hash
 from arrag.config import ConfigError, config_hash, validate
 from arrag.tables import OUTPUTS as TABLE_OUTPUTS, TABLES
@@ -22,10 +20,20 @@ except ConfigError as err:
 # Every rule's command starts with OMP_NUM_THREADS={threads}: a job's numerical libraries use the cores
 # Snakemake gave it, never more (two torch jobs with two threads each on two cores slow each other down
 # many times over).
-shell.prefix("set -euo pipefail; export PYTHONPATH=" + shlex.quote(workflow.basedir) + "${{PYTHONPATH:+:$PYTHONPATH}}; ")
+shell.prefix(
+    "set -euo pipefail; export PYTHONPATH="
+    + shlex.quote(workflow.basedir)
+    + "${{PYTHONPATH:+:$PYTHONPATH}}; "
+)
 MAIN_ENV = "../envs/main.yaml"  # relative to the rule files
-GENEVAL_ENV = "../envs/geneval.yaml" if config["evaluation"]["geneval_backend"] == "mmdet" else MAIN_ENV
-DPG_ENV = "../envs/dpg.yaml" if config["evaluation"]["dpg_backend"] == "mplug" else MAIN_ENV
+GENEVAL_ENV = (
+    "../envs/geneval.yaml"
+    if config["evaluation"]["geneval_backend"] == "mmdet"
+    else MAIN_ENV
+)
+DPG_ENV = (
+    "../envs/dpg.yaml" if config["evaluation"]["dpg_backend"] == "mplug" else MAIN_ENV
+)
 
 RUN = config["run_name"]
 R = f"results/{RUN}"
@@ -34,7 +42,9 @@ R = f"results/{RUN}"
 INDEX_SUFFIX = "tokens" if config["index"]["type"] == "tokens" else "faiss"
 INDEX_FILE = f"{R}/index/index.{INDEX_SUFFIX}"
 INDEX_SIDECARS = [f"{INDEX_FILE}.json", f"{INDEX_FILE}.values.npz"] + (
-    [f"{INDEX_FILE}.ivfdata"] if config["index"]["ondisk"] and config["index"]["type"] == "ivfpq" else []
+    [f"{INDEX_FILE}.ivfdata"]
+    if config["index"]["ondisk"] and config["index"]["type"] == "ivfpq"
+    else []
 )
 SHOWO_INDEX = f"{R}/index_showo/index.tokens"
 SHOWO_INDEX_SIDECARS = [f"{SHOWO_INDEX}.json", f"{SHOWO_INDEX}.values.npz"]
@@ -52,8 +62,18 @@ EVAL_THREADS = 1 if SHAPES else 2
 CHAIN_PRIORITY = 10
 FINETUNE_GPUS = 0 if SHAPES else config["finetune_gpus"]
 # The fine-tuning CLI, under torchrun (one process per GPU, gradients summed) when a job has several GPUs.
-FINETUNE_LAUNCH = (["python", "-m", "arrag.cli"] if FINETUNE_GPUS <= 1
-                   else ["torchrun", "--standalone", "--nproc_per_node", str(FINETUNE_GPUS), "-m", "arrag.cli"])
+FINETUNE_LAUNCH = (
+    ["python", "-m", "arrag.cli"]
+    if FINETUNE_GPUS <= 1
+    else [
+        "torchrun",
+        "--standalone",
+        "--nproc_per_node",
+        str(FINETUNE_GPUS),
+        "-m",
+        "arrag.cli",
+    ]
+)
 
 
 wildcard_constraints:
@@ -93,11 +113,15 @@ else:
     # Show-o: the hub checkpoint, its MAGVIT-v2 image tokenizer and Phi-1.5's text tokenizer, fetched; its O index
     # and its fine-tuning tokens are MAGVIT-v2 tokens of the database and fine-tuning images.
     SHOWO_MODEL = "resources/models/showo"
-    SHOWO_TOKENIZERS = {"tokenizer": "resources/models/showo_tokenizer",
-                        "text_tokenizer": "resources/models/showo_text_tokenizer"}
+    SHOWO_TOKENIZERS = {
+        "tokenizer": "resources/models/showo_tokenizer",
+        "text_tokenizer": "resources/models/showo_text_tokenizer",
+    }
 # VQ tokens of the training / fine-tuning images (Shapes: the train split is both), read by every job training on them.
 SPLIT_TOKENS = f"{R}/tokens/finetune.npz"
-SHOWO_SHARDS = expand(f"{R}/index{'' if SHAPES else '_showo'}/shards/{{shard}}.npz", shard=INDEX_SHARDS)
+SHOWO_SHARDS = expand(
+    f"{R}/index{'' if SHAPES else '_showo'}/shards/{{shard}}.npz", shard=INDEX_SHARDS
+)
 SHOWO_TOKENS = SPLIT_TOKENS if SHAPES else f"{R}/tokens/finetune_showo.npz"
 
 
@@ -105,22 +129,36 @@ def benchmark_files(wildcards=None):
     """The benchmark files every generation and scoring rule reads, by name (for `unpack`)."""
     if SHAPES:
         return {"benchmarks": BENCHMARK_DIR}
-    return {"geneval_metadata": GENEVAL_METADATA, "dpg_prompts": DPG_PROMPTS, "dpg_questions": DPG_QUESTIONS,
-            "mjhq_meta": MJHQ_META, "mjhq_images": MJHQ_IMAGES}
+    return {
+        "geneval_metadata": GENEVAL_METADATA,
+        "dpg_prompts": DPG_PROMPTS,
+        "dpg_questions": DPG_QUESTIONS,
+        "mjhq_meta": MJHQ_META,
+        "mjhq_images": MJHQ_IMAGES,
+    }
 
 
 def benchmark_path(name):
     """A benchmark file as a function of a job's input (Shapes: inside the benchmark folder)."""
-    inside = {"geneval_metadata": GENEVAL_METADATA, "dpg_prompts": DPG_PROMPTS, "dpg_questions": DPG_QUESTIONS,
-              "mjhq_meta": MJHQ_META, "mjhq_images": MJHQ_IMAGES}[name]
+    inside = {
+        "geneval_metadata": GENEVAL_METADATA,
+        "dpg_prompts": DPG_PROMPTS,
+        "dpg_questions": DPG_QUESTIONS,
+        "mjhq_meta": MJHQ_META,
+        "mjhq_images": MJHQ_IMAGES,
+    }[name]
     if SHAPES:
-        return lambda wildcards, input: os.path.join(input.benchmarks, os.path.relpath(inside, BENCHMARK_DIR))
+        return lambda wildcards, input: os.path.join(
+            input.benchmarks, os.path.relpath(inside, BENCHMARK_DIR)
+        )
     return lambda wildcards, input: input[name]
 
 
 def prompt_source(wildcards, input):
     """The prompt file (GenEval, MJHQ) or folder (DPG-Bench) of a generation job."""
-    name = {"geneval": "geneval_metadata", "dpg": "dpg_prompts"}.get(wildcards.bench, "mjhq_meta")
+    name = {"geneval": "geneval_metadata", "dpg": "dpg_prompts"}.get(
+        wildcards.bench, "mjhq_meta"
+    )
     return benchmark_path(name)(wildcards, input)
 
 
@@ -141,7 +179,9 @@ def pinned_values(method):
     values = [config[method][name] for name in names]
     if any(v is None for v in values):
         return []
-    return [a for name, value in zip(names, values) for a in ("--pin", f"{name}{value}")]
+    return [
+        a for name, value in zip(names, values) for a in ("--pin", f"{name}{value}")
+    ]
 
 
 def faid_weight_variants(variant):
@@ -156,14 +196,20 @@ def faid_weight_variants(variant):
 
 def finetune_arguments(settings):
     """A `finetune` config block as command-line arguments of the shared fine-tuning loop (a list)."""
-    return [a for key, value in settings.items() for a in (f"--{key.replace('_', '-')}", str(value))]
+    return [
+        a
+        for key, value in settings.items()
+        for a in (f"--{key.replace('_', '-')}", str(value))
+    ]
 
 
 def main_variant(method):
     """vanilla, RA-CM3 and Show-o have one setting; DAiD and FAiD use the values selected from their ablation;
     DAiD on Show-o the values of the config (no ablation on Show-o)."""
     if method == "showo_daid":
-        return f"lam{config['showo']['daid']['lam']}_tau{config['showo']['daid']['tau']}"
+        return (
+            f"lam{config['showo']['daid']['lam']}_tau{config['showo']['daid']['tau']}"
+        )
     return "selected" if method in ("daid", "faid") else "default"
 
 
@@ -180,7 +226,9 @@ def method_inputs(wildcards):
     if method in ("daid", "faid"):
         inputs["index"] = INDEX_FILE
     if method == "faid":
-        inputs["weights"] = [f"{R}/models/faid/{v}" for v in faid_weight_variants(variant)]
+        inputs["weights"] = [
+            f"{R}/models/faid/{v}" for v in faid_weight_variants(variant)
+        ]
     if method in ("daid", "faid") and variant == "selected":
         inputs["selection"] = f"{R}/selection/{method}.json"
     if method == "racm3":
@@ -198,7 +246,9 @@ def method_inputs(wildcards):
 def index_sidecars(wildcards):
     """The files the CLI reads beside a method's --index (fingerprint, values, on-disk lists); none without one."""
     index = method_inputs(wildcards).get("index")
-    return {INDEX_FILE: INDEX_SIDECARS, SHOWO_INDEX: SHOWO_INDEX_SIDECARS}.get(index, [])
+    return {INDEX_FILE: INDEX_SIDECARS, SHOWO_INDEX: SHOWO_INDEX_SIDECARS}.get(
+        index, []
+    )
 
 
 def method_arguments(wildcards, input):
@@ -206,12 +256,20 @@ def method_arguments(wildcards, input):
     arguments = []
     for key in method_inputs(wildcards):
         files = input[key]
-        arguments += [f"--{key.replace('_', '-')}", *([files] if isinstance(files, str) else files)]
+        arguments += [
+            f"--{key.replace('_', '-')}",
+            *([files] if isinstance(files, str) else files),
+        ]
     if wildcards.method == "faid" and config["faid"]["blend_unconditional"]:
         arguments.append("--blend-unconditional")
     if wildcards.method.startswith("showo"):
         sampling = config["showo"]["sampling"]
-        arguments += ["--guidance-scale", str(sampling["guidance_scale"]), "--maskgit-steps", str(sampling["steps"])]
+        arguments += [
+            "--guidance-scale",
+            str(sampling["guidance_scale"]),
+            "--maskgit-steps",
+            str(sampling["steps"]),
+        ]
     return arguments
 
 
@@ -220,7 +278,9 @@ def generated(wildcards):
 
 
 def generated_images(wildcards):
-    return f"{R}/generated/{wildcards.bench}/{wildcards.method}/{wildcards.variant}/images"
+    return (
+        f"{R}/generated/{wildcards.bench}/{wildcards.method}/{wildcards.variant}/images"
+    )
 
 
 SHAPES_CLIP = f"{R}/models/clip"
@@ -235,10 +295,15 @@ def cmmd_model_args():
 
 def open_clip_args(model, pretrained):
     """How CMMD and build-clip-index load a CLIP (`--model`, `--pretrained`, `--model-config`): 'shapes' is the
-    Shapes CLIP trained in the DAG, anything else an open_clip name with its pretrained tag or file."""
+    Shapes CLIP trained in the DAG, anything else an open_clip name with its pretrained tag or file.
+    """
     if model == "shapes":
-        return ["--model-config", f"{SHAPES_CLIP}/shapes_clip.json",
-                "--pretrained", f"{SHAPES_CLIP}/open_clip_model.safetensors"]
+        return [
+            "--model-config",
+            f"{SHAPES_CLIP}/shapes_clip.json",
+            "--pretrained",
+            f"{SHAPES_CLIP}/open_clip_model.safetensors",
+        ]
     return ["--model", model] + (["--pretrained", pretrained] if pretrained else [])
 
 
@@ -247,13 +312,23 @@ def geneval_backend_args():
     settings = config["evaluation"]
     args = ["--backend", settings["geneval_backend"]]
     if settings["geneval_backend"] == "mmdet":
-        args += ["--mmdet-checkpoint", settings["geneval_detector_checkpoint"] or "", "--object-names",
-                 os.path.join(os.path.dirname(GENEVAL_METADATA), "object_names.txt")]
+        args += [
+            "--mmdet-checkpoint",
+            settings["geneval_detector_checkpoint"] or "",
+            "--object-names",
+            os.path.join(os.path.dirname(GENEVAL_METADATA), "object_names.txt"),
+        ]
     else:
         args += ["--vocabulary", f"{BENCHMARK_DIR}/vocabulary.json"]
-    if settings["geneval_clip_model"] == "shapes":  # open_clip's local-dir: reads the folder's config and weights
-        args += ["--clip-model", f"local-dir:{SHAPES_CLIP}",
-                 "--clip-pretrained", f"{SHAPES_CLIP}/open_clip_model.safetensors"]
+    if (
+        settings["geneval_clip_model"] == "shapes"
+    ):  # open_clip's local-dir: reads the folder's config and weights
+        args += [
+            "--clip-model",
+            f"local-dir:{SHAPES_CLIP}",
+            "--clip-pretrained",
+            f"{SHAPES_CLIP}/open_clip_model.safetensors",
+        ]
         return args
     for key in ("clip_model", "clip_pretrained"):
         if settings[f"geneval_{key}"]:
@@ -275,92 +350,87 @@ def dpg_backend_args():
 
 
 # ---------------------------------------------------------------- stages and their targets
-def implemented(name):
-    """An `arrag` subcommand with an implementation, or an evaluator module ('eval:<name>')."""
-    if name.startswith("eval:"):
-        return importlib.util.find_spec(f"evaluators.{name[5:]}") is not None
-    return COMMANDS[name][0] is not None
-
-
-BACKBONE_COMMANDS = ["train-vq", "train-lm"] if SHAPES else ["fetch"]
-SHOWO_COMMANDS = ["train-vq", "train-showo"] if SHAPES else ["fetch"]
-DATA_COMMANDS = ["shapes-world", "shapes-benchmarks"] if SHAPES else ["fetch"]
-INDEX_COMMANDS = BACKBONE_COMMANDS + ["encode-patches", "train-index", "add-shard", "merge-index"]
-METHOD_COMMANDS = {
-    "vanilla": BACKBONE_COMMANDS + ["generate"],
-    "daid": INDEX_COMMANDS + ["generate", "select", "eval:fid"],
-    "faid": INDEX_COMMANDS + ["precompute-retrievals", "finetune-faid", "generate", "select", "eval:fid"],
-    "racm3": BACKBONE_COMMANDS + (["train-clip"] if SHAPES else [])
-    + ["build-clip-index", "finetune-racm3", "generate"],
-    "showo": SHOWO_COMMANDS + ["generate"],
-    "showo_daid": SHOWO_COMMANDS + ["encode-patches", "build-index", "generate"],
-    "showo_faid": SHOWO_COMMANDS + ["encode-patches", "build-index", "tokenize", "finetune-showo-faid", "generate"],
-}
 METRIC_FILES = {"geneval": ["geneval"], "dpg": ["dpg"], "mjhq": ["fid", "cmmd", "fwd"]}
 METRICS = tuple(f"{m}:" for metrics in METRIC_FILES.values() for m in metrics)
 
 
-def metric_commands(metric):
-    shapes_clip = {"cmmd": config["evaluation"]["cmmd_model"], "geneval": config["evaluation"]["geneval_clip_model"]}
-    clip = ["train-clip"] if shapes_clip.get(metric) == "shapes" else []
-    return clip + [f"eval:{metric}"]
-
-
 def stage_targets():
-    """[(stage, commands it needs, target files)] for the whole pipeline, in order."""
+    """[(stage, target files)] for the whole pipeline, in order."""
     stages = []
     if SHAPES:
-        stages.append(("Shapes world", ["shapes-world"], expand(f"{R}/shapes/{{split}}", split=["database", "train", "heldout"])))
-        stages.append(("Shapes benchmarks", DATA_COMMANDS, [BENCHMARK_DIR]))
-        stages.append(("Shapes VQ", ["shapes-world", "train-vq"], [f"{R}/models/vq"]))
-        stages.append(("Shapes CLIP", ["train-clip"], [f"{R}/models/clip"]))
-        stages.append(("evaluator checks", DATA_COMMANDS + ["eval:geneval", "eval:dpg"],
-                       [f"{R}/checks/detector_clean.json", f"{R}/checks/dpg_vqa_truth.json"]))
-        stages.append(("evaluator checks on VQ reconstructions", DATA_COMMANDS + ["train-vq", "vq-reconstruct",
-                       "eval:geneval"], [f"{R}/checks/detector_vq.json"]))
+        stages.append(
+            (
+                "Shapes world",
+                expand(f"{R}/shapes/{{split}}", split=["database", "train", "heldout"]),
+            )
+        )
+        stages.append(("Shapes benchmarks", [BENCHMARK_DIR]))
+        stages.append(("Shapes VQ", [f"{R}/models/vq"]))
+        stages.append(("Shapes CLIP", [f"{R}/models/clip"]))
+        stages.append(
+            (
+                "evaluator checks",
+                [f"{R}/checks/detector_clean.json", f"{R}/checks/dpg_vqa_truth.json"],
+            )
+        )
+        stages.append(
+            ("evaluator checks on VQ reconstructions", [f"{R}/checks/detector_vq.json"])
+        )
     else:
-        stages.append(("data acquisition", DATA_COMMANDS, list(benchmark_files().values())))
-    stages.append(("backbone", BACKBONE_COMMANDS, [BACKBONE]))
-    stages.append(("patch index", INDEX_COMMANDS, [INDEX_FILE]))
-    stages.append(("retrieval analysis", INDEX_COMMANDS + ["retrieval-analysis"],
-                   [f"{R}/analysis/retrieval_accuracy.csv"]))
+        stages.append(("data acquisition", list(benchmark_files().values())))
+    stages.append(("backbone", [BACKBONE]))
+    stages.append(("patch index", [INDEX_FILE]))
+    stages.append(("retrieval analysis", [f"{R}/analysis/retrieval_accuracy.csv"]))
     for method in config["methods"]:
         variant = main_variant(method)
-        stages.append((f"generation: {method}", DATA_COMMANDS + METHOD_COMMANDS[method],
-                       [f"{R}/generated/{bench}/{method}/{variant}/record.json" for bench in BENCHMARKS]))
+        stages.append(
+            (
+                f"generation: {method}",
+                [
+                    f"{R}/generated/{bench}/{method}/{variant}/record.json"
+                    for bench in BENCHMARKS
+                ],
+            )
+        )
         for bench, metrics in METRIC_FILES.items():
             for metric in metrics:
-                stages.append((f"{metric}: {method}", DATA_COMMANDS + METHOD_COMMANDS[method] + metric_commands(metric),
-                               [f"{R}/metrics/{bench}/{method}/{variant}/{metric}.json"]))
+                stages.append(
+                    (
+                        f"{metric}: {method}",
+                        [f"{R}/metrics/{bench}/{method}/{variant}/{metric}.json"],
+                    )
+                )
     for method in config["showo"]["methods"]:  # Table 3 only: the MJHQ-style benchmark
         variant = main_variant(method)
-        stages.append((f"generation: {method}", DATA_COMMANDS + METHOD_COMMANDS[method],
-                       [f"{R}/generated/mjhq/{method}/{variant}/record.json"]))
+        stages.append(
+            (
+                f"generation: {method}",
+                [f"{R}/generated/mjhq/{method}/{variant}/record.json"],
+            )
+        )
         for metric in METRIC_FILES["mjhq"]:
-            stages.append((f"{metric}: {method}", DATA_COMMANDS + METHOD_COMMANDS[method] + metric_commands(metric),
-                           [f"{R}/metrics/mjhq/{method}/{variant}/{metric}.json"]))
-    stages.append(("tables", ["tables"], [f"{R}/tables/README.md"]))
+            stages.append(
+                (
+                    f"{metric}: {method}",
+                    [f"{R}/metrics/mjhq/{method}/{variant}/{metric}.json"],
+                )
+            )
+    stages.append(("tables", [f"{R}/tables/README.md"]))
     return stages
 
 
 def table_inputs():
     """The generation and metric records the tables are rendered from."""
-    return [t for stage, _, targets in stage_targets() if stage.startswith(("generation:", *METRICS))
-            for t in targets]
-
-
-def ready_targets():
-    return [t for _, commands, targets in stage_targets() if all(map(implemented, commands)) for t in targets]
+    return [
+        t
+        for stage, targets in stage_targets()
+        if stage.startswith(("generation:", *METRICS))
+        for t in targets
+    ]
 
 
 def all_targets():
-    return [t for _, _, targets in stage_targets() for t in targets]
-
-
-def missing_stages():
-    return [(stage, [c for c in commands if not implemented(c)]) for stage, commands, _ in stage_targets()
-            if not all(map(implemented, commands))]
-
+    return [t for _, targets in stage_targets() for t in targets]
 
 
 # ---------------------------------------------------------------- data acquisition (paper scale) and report
@@ -370,25 +440,20 @@ def fetched_file(folder, entry):
     return directory(path) if entry["folder"] else path
 
 
-REPORTED = os.path.join(workflow.basedir, "results", "reported")  # the paper's numbers, committed
+REPORTED = os.path.join(
+    workflow.basedir, "results", "reported"
+)  # the paper's numbers, committed
 TABLE_TITLES = {f"{t.name}.csv": t.title for t in TABLES}
 
 
-def stage_ready(method):
-    """Whether every command a method's rows need is implemented (its records can be built)."""
-    return all(map(implemented, DATA_COMMANDS + METHOD_COMMANDS[method]))
-
-
 def report_inputs():
-    """The records of the tables that this version can build: ready stages, and the ablation FIDs of Figure 7.
-
-    Rows of methods whose stages are not implemented yet are rendered as missing; they fill in by themselves
-    once their stages land."""
-    ready = set(ready_targets())
-    inputs = [t for t in table_inputs() if t in ready]
+    """The records of the tables, and the ablation FIDs of Figure 7."""
+    inputs = table_inputs()
     for method, variants in (("daid", daid_variants()), ("faid", faid_variants())):
-        if method in config["methods"] and stage_ready(method):
-            inputs += [f"{R}/metrics/mjhq_ablation/{method}/{v}/fid.json" for v in variants]
+        if method in config["methods"]:
+            inputs += [
+                f"{R}/metrics/mjhq_ablation/{method}/{v}/fid.json" for v in variants
+            ]
     return inputs
 
 
@@ -396,19 +461,28 @@ def tables_output(name):
     """An output of `arrag tables`, flagged for the report when it is a table, a figure or the provenance."""
     path = f"{R}/tables/{name}"
     if name in TABLE_TITLES:
-        return report(path, caption="../report/table.rst", category="Tables", labels={"table": TABLE_TITLES[name]})
+        return report(
+            path,
+            caption="../report/table.rst",
+            category="Tables",
+            labels={"table": TABLE_TITLES[name]},
+        )
     if name.endswith(".png"):
-        ablation = {"figure7_daid.png": "DAiD (lambda x tau)", "figure7_faid.png": "FAiD (hops x m)"}[name]
-        return report(path, caption="../report/figure7.rst", category="Figure 7", labels={"ablation": ablation})
+        ablation = {
+            "figure7_daid.png": "DAiD (lambda x tau)",
+            "figure7_faid.png": "FAiD (hops x m)",
+        }[name]
+        return report(
+            path,
+            caption="../report/figure7.rst",
+            category="Figure 7",
+            labels={"ablation": ablation},
+        )
     if name == "provenance.csv":
-        return report(path, caption="../report/provenance.rst", category="Provenance", labels={"file": name})
+        return report(
+            path,
+            caption="../report/provenance.rst",
+            category="Provenance",
+            labels={"file": name},
+        )
     return path
-
-
-onstart:
-    missing = missing_stages()
-    if missing:
-        print(f"[arrag] {len(missing)} stage(s) not implemented yet, left out of `all` "
-              "(request them by file or with `everything` to see them fail):")
-        for stage, commands in missing:
-            print(f"[arrag]   {stage}: needs {', '.join(commands)}")

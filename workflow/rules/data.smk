@@ -6,16 +6,16 @@ rule shapes_split:
     """Render one split of the Shapes world (images, instance masks, annotations.jsonl)."""
     output:
         directory(f"{R}/shapes/{{split}}"),
+    log:
+        f"{LOGS}/shapes_split/{{split}}.log",
+    conda:
+        MAIN_ENV
     params:
         code=code_hash("shapes-world"),
         n_images=lambda wc: config["shapes"]["splits"][wc.split],
         seed=config["seed"],
         size=config["shapes"]["image_size"],
         supersample=config["shapes"]["supersample"],
-    conda:
-        MAIN_ENV
-    log:
-        f"{LOGS}/shapes_split/{{split}}.log",
     shell:
         "OMP_NUM_THREADS={threads} python -m arrag.cli shapes-world --split {wildcards.split} --count {params.n_images} --out {output:q}"
         " --seed {params.seed} --image-size {params.size} --supersample {params.supersample} > {log:q} 2>&1"
@@ -27,6 +27,10 @@ rule shapes_benchmarks:
         heldout=f"{R}/shapes/heldout",
     output:
         directory(f"{R}/benchmarks"),
+    log:
+        f"{LOGS}/shapes_benchmarks.log",
+    conda:
+        MAIN_ENV
     params:
         code=code_hash("shapes-benchmarks"),
         seed=config["seed"],
@@ -35,10 +39,6 @@ rule shapes_benchmarks:
         per_tag=config["benchmarks"]["geneval"]["per_tag"],
         dpg=config["benchmarks"]["dpg"]["count"],
         mjhq=config["benchmarks"]["mjhq"]["count"],
-    conda:
-        MAIN_ENV
-    log:
-        f"{LOGS}/shapes_benchmarks.log",
     shell:
         "OMP_NUM_THREADS={threads} python -m arrag.cli shapes-benchmarks --heldout {input.heldout:q} --out {output:q} --seed {params.seed}"
         " --image-size {params.size} --supersample {params.supersample} --geneval-per-tag {params.per_tag}"
@@ -60,16 +60,16 @@ if not SHAPES:
             output:
                 [fetched_file(f"{BENCHMARK_DIR}/{_name}", f) for f in _spec["files"]],
                 manifest=f"{BENCHMARK_DIR}/{_name}/manifest.json",
+            log:
+                f"{LOGS}/fetch/{_name}.log",
+            localrule: True
+            conda:
+                MAIN_ENV
             params:
                 spec=json.dumps(_spec),
                 key=f"resources.benchmarks.{_name}",
                 out=lambda wildcards, output: os.path.dirname(output.manifest),
                 options=FETCH_OPTIONS,
-            localrule: True
-            conda:
-                MAIN_ENV
-            log:
-                f"{LOGS}/fetch/{_name}.log",
             shell:
                 "python -m arrag.cli fetch benchmark --spec {params.spec:q} --key {params.key} --out {params.out:q}"
                 " {params.options:q} > {log:q} 2>&1"
@@ -78,40 +78,48 @@ if not SHAPES:
         """The backbone's hub snapshot (backbone.source at backbone.revision) with a manifest of its files."""
         output:
             directory(BACKBONE),
+        log:
+            f"{LOGS}/fetch/backbone.log",
+        localrule: True
+        conda:
+            MAIN_ENV
         params:
             repo=config["backbone"]["source"],
             revision=config["backbone"]["revision"] or "",
             options=FETCH_OPTIONS,
-        localrule: True
-        conda:
-            MAIN_ENV
-        log:
-            f"{LOGS}/fetch/backbone.log",
         shell:
             "python -m arrag.cli fetch backbone --repo {params.repo:q} --revision={params.revision:q} --key backbone"
             " --out {output:q} {params.options:q} > {log:q} 2>&1"
 
-    SHOWO_FETCHED = {"showo": "model", "showo_tokenizer": "tokenizer", "showo_text_tokenizer": "text_tokenizer"}
+    SHOWO_FETCHED = {
+        "showo": "model",
+        "showo_tokenizer": "tokenizer",
+        "showo_text_tokenizer": "text_tokenizer",
+    }
 
     rule fetch_showo_model:
         """Show-o's hub snapshots (showo.model, showo.tokenizer: MAGVIT-v2, showo.text_tokenizer: its files listed in
         showo.text_tokenizer.include) with manifests."""
         output:
             directory("resources/models/{name}"),
+        log:
+            f"{LOGS}/fetch/{{name}}.log",
         wildcard_constraints:
             name="|".join(SHOWO_FETCHED),
-        params:
-            repo=lambda wc: config["showo"][SHOWO_FETCHED[wc.name]]["source"],
-            revision=lambda wc: config["showo"][SHOWO_FETCHED[wc.name]]["revision"] or "",
-            key=lambda wc: f"showo.{SHOWO_FETCHED[wc.name]}",
-            include=lambda wc: ["--include", *config["showo"]["text_tokenizer"]["include"]]
-            if wc.name == "showo_text_tokenizer" else [],
-            options=FETCH_OPTIONS,
         localrule: True
         conda:
             MAIN_ENV
-        log:
-            f"{LOGS}/fetch/{{name}}.log",
+        params:
+            repo=lambda wc: config["showo"][SHOWO_FETCHED[wc.name]]["source"],
+            revision=lambda wc: config["showo"][SHOWO_FETCHED[wc.name]]["revision"]
+            or "",
+            key=lambda wc: f"showo.{SHOWO_FETCHED[wc.name]}",
+            include=lambda wc: (
+                ["--include", *config["showo"]["text_tokenizer"]["include"]]
+                if wc.name == "showo_text_tokenizer"
+                else []
+            ),
+            options=FETCH_OPTIONS,
         shell:
             "python -m arrag.cli fetch backbone --repo {params.repo:q} --revision={params.revision:q} --key {params.key}"
             " {params.include:q} --out {output:q} {params.options:q} > {log:q} 2>&1"
@@ -120,18 +128,18 @@ if not SHAPES:
         """The image datasets of the patch database or of fine-tuning, subsampled by files, with sources.json."""
         output:
             directory("resources/datasets/{role}"),
+        log:
+            f"{LOGS}/fetch/datasets_{{role}}.log",
         wildcard_constraints:
             role="database|finetune",
+        localrule: True
+        conda:
+            MAIN_ENV
         params:
             spec=json.dumps(config["resources"]["datasets"]),
             subsample=config["resources"]["subsample"],
             seed=config["seed"],
             options=FETCH_OPTIONS,
-        localrule: True
-        conda:
-            MAIN_ENV
-        log:
-            f"{LOGS}/fetch/datasets_{{role}}.log",
         shell:
             "python -m arrag.cli fetch datasets --role {wildcards.role} --spec {params.spec:q} --key resources.datasets"
             " --subsample {params.subsample} --seed {params.seed} --out {output:q} {params.options:q} > {log:q} 2>&1"

@@ -4,30 +4,45 @@
 rule image_metric:
     """FID / CMMD / FWD of generated MJHQ-style images against the reference images."""
     input:
-        unpack(lambda wc: {**benchmark_files(), **(cmmd_model_args() if wc.metric == "cmmd" else {})}),
+        unpack(
+            lambda wc: {
+                **benchmark_files(),
+                **(cmmd_model_args() if wc.metric == "cmmd" else {}),
+            }
+        ),
         record=generated,
     output:
         f"{R}/metrics/{{bench}}/{{method}}/{{variant}}/{{metric}}.json",
+    log:
+        f"{LOGS}/metrics/{{bench}}/{{method}}/{{variant}}/{{metric}}.log",
     wildcard_constraints:
         bench="mjhq|mjhq_ablation",
         metric="fid|cmmd|fwd",
+    conda:
+        MAIN_ENV
+    threads: EVAL_THREADS
+    resources:
+        gpu=0 if SHAPES else 1,
     params:
         code=lambda wc: code_hash(f"eval:{wc.metric}"),
         images=generated_images,
         real=benchmark_path("mjhq_images"),
-        clip=lambda wc: open_clip_args(config["evaluation"]["cmmd_model"], config["evaluation"]["cmmd_pretrained"])
-        if wc.metric == "cmmd" else [],
-        per_category=lambda wc: [] if wc.metric != "fid" or (wc.bench == "mjhq" and config["evaluation"]["fid_per_category"])
-        else ["--no-per-category"],
+        clip=lambda wc: (
+            open_clip_args(
+                config["evaluation"]["cmmd_model"],
+                config["evaluation"]["cmmd_pretrained"],
+            )
+            if wc.metric == "cmmd"
+            else []
+        ),
+        per_category=lambda wc: (
+            []
+            if wc.metric != "fid"
+            or (wc.bench == "mjhq" and config["evaluation"]["fid_per_category"])
+            else ["--no-per-category"]
+        ),
         seed=config["seed"],
         config_hash=CONFIG_HASH,
-    threads: EVAL_THREADS
-    resources:
-        gpu=0 if SHAPES else 1,
-    conda:
-        MAIN_ENV
-    log:
-        f"{LOGS}/metrics/{{bench}}/{{method}}/{{variant}}/{{metric}}.log",
     shell:
         "OMP_NUM_THREADS={threads} python -m evaluators {wildcards.metric} {params.real:q} {params.images:q} --out {output:q}"
         " {params.clip:q} {params.per_category:q} --seed {params.seed} --config-hash {params.config_hash} --generation-record {input.record:q} > {log:q} 2>&1"
@@ -38,23 +53,27 @@ rule geneval_score:
     input:
         unpack(benchmark_files),
         record=generated,
-        clip=SHAPES_CLIP if config["evaluation"]["geneval_clip_model"] == "shapes" else [],
+        clip=(
+            SHAPES_CLIP
+            if config["evaluation"]["geneval_clip_model"] == "shapes"
+            else []
+        ),
     output:
         f"{R}/metrics/{{bench}}/{{method}}/{{variant}}/geneval.json",
+    log:
+        f"{LOGS}/metrics/{{bench}}/{{method}}/{{variant}}/geneval.log",
     wildcard_constraints:
         bench="geneval",
+    conda:
+        GENEVAL_ENV
+    resources:
+        gpu=0 if SHAPES else 1,
     params:
         code=code_hash("eval:geneval"),
         images=generated_images,
         backend=geneval_backend_args(),
         seed=config["seed"],
         config_hash=CONFIG_HASH,
-    resources:
-        gpu=0 if SHAPES else 1,
-    conda:
-        GENEVAL_ENV
-    log:
-        f"{LOGS}/metrics/{{bench}}/{{method}}/{{variant}}/geneval.log",
     shell:
         "OMP_NUM_THREADS={threads} python -m evaluators geneval {params.images:q} {params.backend:q}"
         " --out {output:q} --seed {params.seed} --config-hash {params.config_hash} --generation-record {input.record:q} > {log:q} 2>&1"
@@ -67,8 +86,14 @@ rule dpg_score:
         record=generated,
     output:
         f"{R}/metrics/{{bench}}/{{method}}/{{variant}}/dpg.json",
+    log:
+        f"{LOGS}/metrics/{{bench}}/{{method}}/{{variant}}/dpg.log",
     wildcard_constraints:
         bench="dpg",
+    conda:
+        DPG_ENV
+    resources:
+        gpu=0 if SHAPES else 1,
     params:
         code=code_hash("eval:dpg"),
         images=generated_images,
@@ -76,12 +101,6 @@ rule dpg_score:
         backend=dpg_backend_args(),
         seed=config["seed"],
         config_hash=CONFIG_HASH,
-    resources:
-        gpu=0 if SHAPES else 1,
-    conda:
-        DPG_ENV
-    log:
-        f"{LOGS}/metrics/{{bench}}/{{method}}/{{variant}}/dpg.log",
     shell:
         "OMP_NUM_THREADS={threads} python -m evaluators dpg {params.images:q} --questions {params.questions:q} {params.backend:q}"
         " --out {output:q} --seed {params.seed}"
@@ -97,15 +116,15 @@ rule select:
         ),
     output:
         f"{R}/selection/{{method}}.json",
+    log:
+        f"{LOGS}/select/{{method}}.log",
     wildcard_constraints:
         method="daid|faid",
+    conda:
+        MAIN_ENV
     params:
         code=code_hash("select"),
         pinned=lambda wc: pinned_values(wc.method),
-    conda:
-        MAIN_ENV
-    log:
-        f"{LOGS}/select/{{method}}.log",
     shell:
         "OMP_NUM_THREADS={threads} python -m arrag.cli select --method {wildcards.method} --out {output:q} {params.pinned:q} {input:q} > {log:q} 2>&1"
 
@@ -118,15 +137,17 @@ rule check_shapes_detector:
         images=lambda wc: f"{R}/checks/vq_reconstructions" if wc.kind == "vq" else [],
     output:
         f"{R}/checks/detector_{{kind}}.json",
-    wildcard_constraints:
-        kind="clean|vq",
-    params:
-        code=code_hash("eval:geneval"),
-        images=lambda wc, input: ["--validate-images", input.images] if wc.kind == "vq" else [],
-    conda:
-        MAIN_ENV
     log:
         f"{LOGS}/checks/detector_{{kind}}.log",
+    wildcard_constraints:
+        kind="clean|vq",
+    conda:
+        MAIN_ENV
+    params:
+        code=code_hash("eval:geneval"),
+        images=lambda wc, input: (
+            ["--validate-images", input.images] if wc.kind == "vq" else []
+        ),
     shell:
         "OMP_NUM_THREADS={threads} python -m evaluators geneval --validate-shapes {input.split:q}"
         " --vocabulary {input.benchmarks:q}/vocabulary.json {params.images:q} --out {output:q} > {log:q} 2>&1"
@@ -138,12 +159,12 @@ rule check_dpg_vqa:
         BENCHMARK_DIR,
     output:
         f"{R}/checks/dpg_vqa_truth.json",
-    params:
-        code=code_hash("eval:dpg"),
-    conda:
-        MAIN_ENV
     log:
         f"{LOGS}/checks/dpg_vqa_truth.log",
+    conda:
+        MAIN_ENV
+    params:
+        code=code_hash("eval:dpg"),
     shell:
         "OMP_NUM_THREADS={threads} python -m evaluators dpg --validate-shapes {input:q}/dpg_bench/truth"
         " --questions {input:q}/dpg_bench/dpg_bench.csv --vocabulary {input:q}/vocabulary.json --out {output:q}"
@@ -157,12 +178,12 @@ rule vq_reconstructions:
         split=f"{R}/shapes/heldout",
     output:
         directory(f"{R}/checks/vq_reconstructions"),
-    params:
-        code=code_hash("vq-reconstruct"),
-    conda:
-        MAIN_ENV
     log:
         f"{LOGS}/checks/vq_reconstructions.log",
+    conda:
+        MAIN_ENV
+    params:
+        code=code_hash("vq-reconstruct"),
     shell:
         "OMP_NUM_THREADS={threads} python -m arrag.cli vq-reconstruct --vq {input.vq:q} --split {input.split:q}"
         " --out {output:q} > {log:q} 2>&1"

@@ -11,19 +11,19 @@ rule precompute_retrievals:
         tokens=SPLIT_TOKENS,
     output:
         f"{R}/faid/retrievals/{{shard}}.npz",
+    log:
+        f"{LOGS}/precompute_retrievals/{{shard}}.log",
+    priority: CHAIN_PRIORITY
+    conda:
+        MAIN_ENV
+    resources:
+        gpu=0 if SHAPES else 1,
     params:
         code=code_hash("precompute-retrievals"),
         k=config["faid"]["k"],
         shards=config["index"]["shards"],
         device=config["device"],
         revision=config["backbone"]["revision"] or "",
-    resources:
-        gpu=0 if SHAPES else 1,
-    priority: CHAIN_PRIORITY
-    conda:
-        MAIN_ENV
-    log:
-        f"{LOGS}/precompute_retrievals/{{shard}}.log",
     shell:
         "OMP_NUM_THREADS={threads} python -m arrag.cli precompute-retrievals --index {input.index:q} --backbone {input.backbone:q}"
         " --revision={params.revision:q} --images {input.images:q} --tokens {input.tokens:q} --k {params.k}"
@@ -39,9 +39,17 @@ rule finetune_faid:
         retrievals=expand(f"{R}/faid/retrievals/{{shard}}.npz", shard=INDEX_SHARDS),
     output:
         directory(f"{R}/models/faid/hops{{hops}}_m{{m}}"),
+    log:
+        f"{LOGS}/finetune_faid/hops{{hops}}_m{{m}}.log",
     wildcard_constraints:
         hops=r"[1-9]+",
         m=r"\d+",
+    priority: CHAIN_PRIORITY
+    conda:
+        MAIN_ENV
+    threads: 2
+    resources:
+        gpu=FINETUNE_GPUS,
     params:
         code=code_hash("finetune-faid"),
         precision=config["precision"],
@@ -54,14 +62,6 @@ rule finetune_faid:
         init=config["faid"]["init"],
         tuning=finetune_arguments(config["faid"]["finetune"]),
         seed=config["seed"],
-    threads: 2
-    resources:
-        gpu=FINETUNE_GPUS,
-    priority: CHAIN_PRIORITY
-    conda:
-        MAIN_ENV
-    log:
-        f"{LOGS}/finetune_faid/hops{{hops}}_m{{m}}.log",
     shell:
         "OMP_NUM_THREADS={threads} {params.launch:q} finetune-faid --backbone {input.backbone:q} --revision={params.revision:q}"
         " --images {input.images:q} --hops {wildcards.hops} --num-blenders {wildcards.m} --k {params.k} --out {output:q}"
@@ -77,18 +77,20 @@ rule build_clip_index:
         clip=SHAPES_CLIP if config["racm3"]["clip_model"] == "shapes" else [],
     output:
         directory(f"{R}/racm3/clip_index"),
-    params:
-        code=code_hash("build-clip-index"),
-        clip=open_clip_args(config["racm3"]["clip_model"], config["racm3"]["clip_pretrained"]),
-        device=config["device"],
-    threads: 2
-    resources:
-        gpu=0 if SHAPES else 1,
+    log:
+        f"{LOGS}/build_clip_index.log",
     priority: CHAIN_PRIORITY
     conda:
         MAIN_ENV
-    log:
-        f"{LOGS}/build_clip_index.log",
+    threads: 2
+    resources:
+        gpu=0 if SHAPES else 1,
+    params:
+        code=code_hash("build-clip-index"),
+        clip=open_clip_args(
+            config["racm3"]["clip_model"], config["racm3"]["clip_pretrained"]
+        ),
+        device=config["device"],
     shell:
         "OMP_NUM_THREADS={threads} python -m arrag.cli build-clip-index --images {input.images:q} {params.clip:q}"
         " --device {params.device} --out {output:q} > {log:q} 2>&1"
@@ -103,6 +105,14 @@ rule finetune_racm3:
         clip_index=f"{R}/racm3/clip_index",
     output:
         directory(f"{R}/models/racm3"),
+    log:
+        f"{LOGS}/finetune_racm3.log",
+    priority: CHAIN_PRIORITY
+    conda:
+        MAIN_ENV
+    threads: 2
+    resources:
+        gpu=FINETUNE_GPUS,
     params:
         code=code_hash("finetune-racm3"),
         precision=config["precision"],
@@ -114,14 +124,6 @@ rule finetune_racm3:
         dropout=config["racm3"]["caption_dropout"],
         tuning=finetune_arguments(config["racm3"]["finetune"]),
         seed=config["seed"],
-    threads: 2
-    resources:
-        gpu=FINETUNE_GPUS,
-    priority: CHAIN_PRIORITY
-    conda:
-        MAIN_ENV
-    log:
-        f"{LOGS}/finetune_racm3.log",
     shell:
         "OMP_NUM_THREADS={threads} {params.launch:q} finetune-racm3 --backbone {input.backbone:q} --images {input.images:q}"
         " --tokens {input.tokens:q}"

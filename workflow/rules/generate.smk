@@ -10,6 +10,13 @@ rule generate:
         index_sidecars=index_sidecars,
     output:
         f"{R}/generated/{{bench}}/{{method}}/{{variant}}/shards/{{shard}}.json",
+    log:
+        f"{LOGS}/generate/{{bench}}/{{method}}/{{variant}}/{{shard}}.log",
+    conda:
+        MAIN_ENV
+    threads: EVAL_THREADS
+    resources:
+        gpu=0 if SHAPES else 1,
     params:
         code=code_hash("generate"),
         precision=config["precision"],
@@ -23,19 +30,16 @@ rule generate:
         top_k=config["sampling"]["top_k"] or 0,
         top_p=config["sampling"]["top_p"] or 1.0,
         device=config["device"],
-        revision=lambda wc: "" if wc.method.startswith("showo") else config["backbone"]["revision"] or "",
+        revision=lambda wc: (
+            ""
+            if wc.method.startswith("showo")
+            else config["backbone"]["revision"] or ""
+        ),
         samples=config["benchmarks"]["geneval"]["samples_per_prompt"],
         subset=config["benchmarks"]["mjhq"]["ablation_subset"],
         method=lambda wc, input: method_arguments(wc, input),
         daid_k=config["daid"]["k"],
         daid_retrieval=config["daid"]["retrieval"],
-    resources:
-        gpu=0 if SHAPES else 1,
-    threads: EVAL_THREADS
-    conda:
-        MAIN_ENV
-    log:
-        f"{LOGS}/generate/{{bench}}/{{method}}/{{variant}}/{{shard}}.log",
     shell:
         "OMP_NUM_THREADS={threads} python -m arrag.cli generate --benchmark {wildcards.bench} --prompts {params.prompts:q} --method {wildcards.method}"
         " --variant {wildcards.variant} --backbone {input.backbone:q} --shard {wildcards.shard}"
@@ -61,13 +65,13 @@ rule gather_generation:
             subcategory="{bench}",
             labels={"method": "{method}", "variant": "{variant}"},
         ),
+    log:
+        f"{LOGS}/gather_generation/{{bench}}/{{method}}/{{variant}}.log",
+    conda:
+        MAIN_ENV
     params:
         code=code_hash("generate"),
         images=lambda wc: f"{R}/generated/{wc.bench}/{wc.method}/{wc.variant}/images",
-    conda:
-        MAIN_ENV
-    log:
-        f"{LOGS}/gather_generation/{{bench}}/{{method}}/{{variant}}.log",
     shell:
         "OMP_NUM_THREADS={threads} python -m arrag.cli generate --gather --record {output.record:q} --images {params.images:q} {input:q}"
         " > {log:q} 2>&1"

@@ -5,21 +5,31 @@
 # codebook hash is equal), so DAiD / FAiD loading the index with the backbone's codebook passes the check.
 INDEX = config["index"]
 INDEX_VQ = f"{R}/models/vq" if SHAPES else BACKBONE
-VQ_REVISION = "" if SHAPES or not config["backbone"]["revision"] else f"--revision {config['backbone']['revision']}"
+VQ_REVISION = (
+    ""
+    if SHAPES or not config["backbone"]["revision"]
+    else f"--revision {config['backbone']['revision']}"
+)
 INDEX_KEY_ARGS = (
     f"--neighbourhood {INDEX['neighbourhood']} --hops {INDEX['hops']} --key-space {INDEX['key_space']}"
     f" --edge-policy {INDEX['edge_policy']}"
 )
 # Leakage (§4): benchmark references and fine-tuning images never enter the database.
 EXCLUDED_IMAGES = (
-    [f"{R}/shapes/heldout", FINETUNE_IMAGES, BENCHMARK_DIR] if SHAPES else [MJHQ_IMAGES, FINETUNE_IMAGES]
+    [f"{R}/shapes/heldout", FINETUNE_IMAGES, BENCHMARK_DIR]
+    if SHAPES
+    else [MJHQ_IMAGES, FINETUNE_IMAGES]
 )
 
 if INDEX["ondisk"] and INDEX["type"] != "ivfpq":
-    raise WorkflowError(f"index.ondisk applies to index.type ivfpq only, not {INDEX['type']!r}: set ondisk: false")
+    raise WorkflowError(
+        f"index.ondisk applies to index.type ivfpq only, not {INDEX['type']!r}: set ondisk: false"
+    )
 if INDEX["type"] == "tokens" and INDEX["key_space"] != "codebook":
-    raise WorkflowError("index.type 'tokens' stores codebook-space keys: use index.key_space 'codebook', "
-                        "or index.type flat / ivfpq for latent keys")
+    raise WorkflowError(
+        "index.type 'tokens' stores codebook-space keys: use index.key_space 'codebook', "
+        "or index.type flat / ivfpq for latent keys"
+    )
 
 
 rule patch_exclusions:
@@ -28,12 +38,12 @@ rule patch_exclusions:
         EXCLUDED_IMAGES,
     output:
         f"{R}/index/exclusions.json",
-    params:
-        code=code_hash("exclusion-list"),
-    conda:
-        MAIN_ENV
     log:
         f"{LOGS}/patch_exclusions.log",
+    conda:
+        MAIN_ENV
+    params:
+        code=code_hash("exclusion-list"),
     shell:
         "OMP_NUM_THREADS={threads} python -m arrag.cli exclusion-list --out {output:q} {input:q} > {log:q} 2>&1"
 
@@ -46,19 +56,19 @@ rule encode_patches:
         exclusions=f"{R}/index/exclusions.json",
     output:
         f"{R}/index/shards/{{shard}}.npz",
+    log:
+        f"{LOGS}/encode_patches/{{shard}}.log",
+    priority: CHAIN_PRIORITY
+    conda:
+        MAIN_ENV
+    resources:
+        gpu=0 if SHAPES else 1,
     params:
         code=code_hash("encode-patches"),
         shards=INDEX["shards"],
         key_args=INDEX_KEY_ARGS,
         batch_size=INDEX["batch_size"],
         revision=VQ_REVISION,
-    resources:
-        gpu=0 if SHAPES else 1,
-    priority: CHAIN_PRIORITY
-    conda:
-        MAIN_ENV
-    log:
-        f"{LOGS}/encode_patches/{{shard}}.log",
     shell:
         "OMP_NUM_THREADS={threads} python -m arrag.cli encode-patches --images {input.images:q} --vq {input.vq:q}"
         " {params.revision} --exclusions {input.exclusions:q} --shard {wildcards.shard}"
@@ -72,16 +82,16 @@ rule train_index:
     output:
         index=f"{R}/index/trained.{INDEX_SUFFIX}",
         meta=f"{R}/index/trained.{INDEX_SUFFIX}.json",
+    log:
+        f"{LOGS}/train_index.log",
+    conda:
+        MAIN_ENV
     params:
         code=code_hash("train-index"),
         kind=INDEX["type"],
         ivf=f"--nlist {INDEX['nlist']} --pq-m {INDEX['pq_m']} --nprobe {INDEX['nprobe']} --train-size {INDEX['train_size']}"
         + (" --official-nprobe" if INDEX["official_nprobe"] else ""),
         seed=config["seed"],
-    conda:
-        MAIN_ENV
-    log:
-        f"{LOGS}/train_index.log",
     shell:
         "OMP_NUM_THREADS={threads} python -m arrag.cli train-index --type {params.kind} {params.ivf} --seed {params.seed}"
         " --out {output.index:q} {input:q} > {log:q} 2>&1"
@@ -96,12 +106,12 @@ rule add_shard:
     output:
         index=f"{R}/index/added/{{shard}}.{INDEX_SUFFIX}",
         meta=f"{R}/index/added/{{shard}}.{INDEX_SUFFIX}.json",
-    params:
-        code=code_hash("add-shard"),
-    conda:
-        MAIN_ENV
     log:
         f"{LOGS}/add_shard/{{shard}}.log",
+    conda:
+        MAIN_ENV
+    params:
+        code=code_hash("add-shard"),
     shell:
         "OMP_NUM_THREADS={threads} python -m arrag.cli add-shard --trained {input.trained:q} --shard {input.shard:q}"
         " --out {output.index:q} > {log:q} 2>&1"
@@ -112,18 +122,20 @@ rule merge_index:
     on disk, the inverted lists (.ivfdata) go beside the index."""
     input:
         added=expand(f"{R}/index/added/{{shard}}.{INDEX_SUFFIX}", shard=INDEX_SHARDS),
-        meta=expand(f"{R}/index/added/{{shard}}.{INDEX_SUFFIX}.json", shard=INDEX_SHARDS),
+        meta=expand(
+            f"{R}/index/added/{{shard}}.{INDEX_SUFFIX}.json", shard=INDEX_SHARDS
+        ),
         shards=expand(f"{R}/index/shards/{{shard}}.npz", shard=INDEX_SHARDS),
     output:
         index=INDEX_FILE,
         sidecars=INDEX_SIDECARS,
+    log:
+        f"{LOGS}/merge_index.log",
+    conda:
+        MAIN_ENV
     params:
         code=code_hash("merge-index"),
         ondisk="--ondisk" if INDEX["ondisk"] else "",
-    conda:
-        MAIN_ENV
-    log:
-        f"{LOGS}/merge_index.log",
     shell:
         "OMP_NUM_THREADS={threads} python -m arrag.cli merge-index --added {input.added:q} --shards {input.shards:q}"
         " {params.ondisk} --out {output.index:q} > {log:q} 2>&1"
@@ -139,18 +151,18 @@ rule retrieval_analysis:
     output:
         csv=report(f"{R}/analysis/retrieval_accuracy.csv", category="Patch retrieval"),
         png=report(f"{R}/analysis/retrieval_accuracy.png", category="Patch retrieval"),
+    log:
+        f"{LOGS}/retrieval_analysis.log",
+    conda:
+        MAIN_ENV
+    resources:
+        gpu=0 if SHAPES else 1,
     params:
         code=code_hash("retrieval-analysis"),
         limit=INDEX["analysis_images"],
         k=INDEX["analysis_k"],
         seed=config["seed"],
         revision=VQ_REVISION,
-    resources:
-        gpu=0 if SHAPES else 1,
-    conda:
-        MAIN_ENV
-    log:
-        f"{LOGS}/retrieval_analysis.log",
     shell:
         "OMP_NUM_THREADS={threads} python -m arrag.cli retrieval-analysis --index {input.index:q} --vq {input.vq:q}"
         " {params.revision} --images {input.images:q} --limit {params.limit} --k {params.k}"

@@ -8,6 +8,12 @@ rule train_shapes_vq:
         heldout=f"{R}/shapes/heldout",
     output:
         directory(f"{R}/models/vq"),
+    log:
+        f"{LOGS}/train_shapes_vq.log",
+    priority: CHAIN_PRIORITY
+    conda:
+        MAIN_ENV
+    threads: 2
     params:
         code=code_hash("train-vq"),
         precision=config["precision"],
@@ -22,12 +28,6 @@ rule train_shapes_vq:
         min_recall=config["shapes_models"]["vq"]["min_detector_recall"],
         min_color=config["shapes_models"]["vq"]["min_color_accuracy"],
         seed=config["seed"],
-    threads: 2
-    priority: CHAIN_PRIORITY
-    conda:
-        MAIN_ENV
-    log:
-        f"{LOGS}/train_shapes_vq.log",
     shell:
         "OMP_NUM_THREADS={threads} python -m arrag.cli train-vq --images {input.images:q} --heldout {input.heldout:q} --out {output:q}"
         " --checkpoint {params.checkpoint:q} --image-size {params.size} --steps {params.steps}"
@@ -43,18 +43,18 @@ rule tokenize_split:
         vq=TOKENIZER,
     output:
         SPLIT_TOKENS,
+    log:
+        f"{LOGS}/tokenize_split.log",
+    priority: CHAIN_PRIORITY
+    conda:
+        MAIN_ENV
+    threads: 2
+    resources:
+        gpu=0 if SHAPES else 1,
     params:
         code=code_hash("tokenize"),
         device=config["device"],
         revision=config["backbone"]["revision"] or "",
-    threads: 2
-    resources:
-        gpu=0 if SHAPES else 1,
-    priority: CHAIN_PRIORITY
-    conda:
-        MAIN_ENV
-    log:
-        f"{LOGS}/tokenize_split.log",
     shell:
         "OMP_NUM_THREADS={threads} python -m arrag.cli tokenize --images {input.images:q} --vq {input.vq:q}"
         " --revision={params.revision:q} --device {params.device} --out {output:q} > {log:q} 2>&1"
@@ -68,6 +68,12 @@ rule train_shapes_lm:
         tokens=SPLIT_TOKENS,
     output:
         directory(f"{R}/models/backbone"),
+    log:
+        f"{LOGS}/train_shapes_lm.log",
+    priority: CHAIN_PRIORITY
+    conda:
+        MAIN_ENV
+    threads: 2
     params:
         code=code_hash("train-lm"),
         precision=config["precision"],
@@ -81,12 +87,6 @@ rule train_shapes_lm:
         ffn=config["shapes_models"]["lm"]["intermediate_size"],
         dropout=config["shapes_models"]["lm"]["caption_dropout"],
         seed=config["seed"],
-    threads: 2
-    priority: CHAIN_PRIORITY
-    conda:
-        MAIN_ENV
-    log:
-        f"{LOGS}/train_shapes_lm.log",
     shell:
         "OMP_NUM_THREADS={threads} python -m arrag.cli train-lm --images {input.images:q} --tokens {input.tokens:q}"
         " --vq {input.vq:q} --out {output:q}"
@@ -103,6 +103,12 @@ rule train_shapes_clip:
         heldout=f"{R}/shapes/heldout",
     output:
         directory(SHAPES_CLIP),
+    log:
+        f"{LOGS}/train_shapes_clip.log",
+    priority: CHAIN_PRIORITY
+    conda:
+        MAIN_ENV
+    threads: 2
     params:
         code=code_hash("train-clip"),
         precision=config["precision"],
@@ -112,12 +118,6 @@ rule train_shapes_clip:
         batch_size=config["shapes_models"]["clip"]["batch_size"],
         lr=config["shapes_models"]["clip"]["lr"],
         seed=config["seed"],
-    threads: 2
-    priority: CHAIN_PRIORITY
-    conda:
-        MAIN_ENV
-    log:
-        f"{LOGS}/train_shapes_clip.log",
     shell:
         "OMP_NUM_THREADS={threads} python -m arrag.cli train-clip --images {input.images:q} --heldout {input.heldout:q}"
         " --out {output:q} --checkpoint {params.checkpoint:q} --image-size {params.size} --steps {params.steps}"

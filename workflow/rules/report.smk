@@ -8,26 +8,32 @@ rule tables:
     """Tables 1-4 and Figure 7 beside the paper's reported numbers (Markdown, LaTeX, CSV, PNG)."""
     input:
         records=report_inputs(),
-        reported=expand(f"{REPORTED}/{{name}}.csv", name=[t.name for t in TABLES] + ["figure7_ablation"]),
+        reported=expand(
+            f"{REPORTED}/{{name}}.csv",
+            name=[t.name for t in TABLES] + ["figure7_ablation"],
+        ),
     output:
         f"{R}/tables/README.md",
         *[tables_output(name) for name in TABLE_OUTPUTS],
+    log:
+        f"{LOGS}/tables.log",
+    localrule: True
+    conda:
+        MAIN_ENV
     params:
         code=code_hash("tables"),
         run_dir=lambda wildcards, output: os.path.dirname(os.path.dirname(output[0])),
         out_dir=lambda wildcards, output: os.path.dirname(output[0]),
         reported=lambda wildcards, input: os.path.dirname(input.reported[0]),
         scale=config["scale"],
-        methods=[f"--method={m}={main_variant(m)}" for m in config["methods"] + config["showo"]["methods"]],
+        methods=[
+            f"--method={m}={main_variant(m)}"
+            for m in config["methods"] + config["showo"]["methods"]
+        ],
         lam=config["daid"]["grid"]["lam"],
         tau=config["daid"]["grid"]["tau"],
         hops=config["faid"]["grid"]["hops"],
         m=config["faid"]["grid"]["m"],
-    localrule: True
-    conda:
-        MAIN_ENV
-    log:
-        f"{LOGS}/tables.log",
     shell:
         "OMP_NUM_THREADS={threads} python -m arrag.cli tables --run-dir {params.run_dir:q} --out-dir {params.out_dir:q}"
         " --scale {params.scale} {params.methods:q} --daid-lam {params.lam} --daid-tau {params.tau}"

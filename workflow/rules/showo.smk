@@ -19,6 +19,12 @@ if SHAPES:
             tokens=SPLIT_TOKENS,
         output:
             directory(SHOWO_MODEL),
+        log:
+            f"{LOGS}/train_shapes_showo.log",
+        priority: CHAIN_PRIORITY
+        conda:
+            MAIN_ENV
+        threads: 2
         params:
             code=code_hash("train-showo"),
             precision=config["precision"],
@@ -27,12 +33,6 @@ if SHAPES:
             guidance=SHOWO["sampling"]["guidance_scale"],
             steps=SHOWO["sampling"]["steps"],
             seed=config["seed"],
-        threads: 2
-        priority: CHAIN_PRIORITY
-        conda:
-            MAIN_ENV
-        log:
-            f"{LOGS}/train_shapes_showo.log",
         shell:
             "OMP_NUM_THREADS={threads} python -m arrag.cli train-showo --images {input.images:q} --heldout {input.heldout:q}"
             " --vq {input.vq:q} --tokens {input.tokens:q} --out {output:q} --checkpoint {params.checkpoint:q} {params.train:q}"
@@ -46,19 +46,21 @@ rule showo_index:
     output:
         index=SHOWO_INDEX,
         sidecars=SHOWO_INDEX_SIDECARS,
+    log:
+        f"{LOGS}/showo_index.log",
+    priority: CHAIN_PRIORITY
+    conda:
+        MAIN_ENV
+    threads: 1
     params:
         code=code_hash("build-index"),
         hops=SHOWO["index"]["hops"],
         edge=SHOWO["index"]["edge_policy"],
         nprobe=config["index"]["nprobe"],
-        official_nprobe="--official-nprobe" if config["index"]["official_nprobe"] else "",
+        official_nprobe=(
+            "--official-nprobe" if config["index"]["official_nprobe"] else ""
+        ),
         seed=config["seed"],
-    threads: 1
-    priority: CHAIN_PRIORITY
-    conda:
-        MAIN_ENV
-    log:
-        f"{LOGS}/showo_index.log",
     shell:
         "OMP_NUM_THREADS={threads} python -m arrag.cli build-index --type tokens --neighbourhood O --hops {params.hops}"
         " --edge-policy {params.edge} --nprobe {params.nprobe} {params.official_nprobe} --seed {params.seed} --out {output.index:q} {input:q}"
@@ -69,14 +71,22 @@ rule finetune_showo_faid:
     """FAiD blenders (and LoRA) on the Show-o backbone: one noising draw per training image, retrievals of its
     masked positions, Show-o's masked-token loss."""
     input:
+        **SHOWO_TOKENIZERS,
         backbone=SHOWO_MODEL,
         images=FINETUNE_IMAGES,
         index=SHOWO_INDEX,
         sidecars=SHOWO_INDEX_SIDECARS,
         tokens=SHOWO_TOKENS,
-        **SHOWO_TOKENIZERS,
     output:
         directory(f"{R}/models/showo_faid"),
+    log:
+        f"{LOGS}/finetune_showo_faid.log",
+    priority: CHAIN_PRIORITY
+    conda:
+        MAIN_ENV
+    threads: 2
+    resources:
+        gpu=FINETUNE_GPUS,
     params:
         code=code_hash("finetune-showo-faid"),
         precision=config["precision"],
@@ -91,16 +101,11 @@ rule finetune_showo_faid:
         tuning=finetune_arguments(SHOWO["faid"]["finetune"]),
         device=config["device"],
         seed=config["seed"],
-        tokenizers=lambda wildcards, input: [a for key in SHOWO_TOKENIZERS
-                                             for a in (f"--{key.replace('_', '-')}", input[key])],
-    threads: 2
-    resources:
-        gpu=FINETUNE_GPUS,
-    priority: CHAIN_PRIORITY
-    conda:
-        MAIN_ENV
-    log:
-        f"{LOGS}/finetune_showo_faid.log",
+        tokenizers=lambda wildcards, input: [
+            a
+            for key in SHOWO_TOKENIZERS
+            for a in (f"--{key.replace('_', '-')}", input[key])
+        ],
     shell:
         "OMP_NUM_THREADS={threads} {params.launch:q} finetune-showo-faid --backbone {input.backbone:q}"
         " {params.tokenizers:q} --images {input.images:q} --tokens {input.tokens:q} --index {input.index:q}"
@@ -120,6 +125,13 @@ if not SHAPES:
             exclusions=f"{R}/index/exclusions.json",
         output:
             f"{R}/index_showo/shards/{{shard}}.npz",
+        log:
+            f"{LOGS}/encode_patches_showo/{{shard}}.log",
+        priority: CHAIN_PRIORITY
+        conda:
+            MAIN_ENV
+        resources:
+            gpu=1,
         params:
             code=code_hash("encode-patches"),
             shards=INDEX["shards"],
@@ -127,13 +139,6 @@ if not SHAPES:
             hops=SHOWO["index"]["hops"],
             edge=SHOWO["index"]["edge_policy"],
             batch_size=INDEX["batch_size"],
-        resources:
-            gpu=1,
-        priority: CHAIN_PRIORITY
-        conda:
-            MAIN_ENV
-        log:
-            f"{LOGS}/encode_patches_showo/{{shard}}.log",
         shell:
             "OMP_NUM_THREADS={threads} python -m arrag.cli encode-patches --images {input.images:q} --vq {input.vq:q}"
             " --image-size {params.size} --exclusions {input.exclusions:q} --shard {wildcards.shard}"
@@ -147,18 +152,18 @@ if not SHAPES:
             vq=SHOWO_TOKENIZERS["tokenizer"],
         output:
             SHOWO_TOKENS,
+        log:
+            f"{LOGS}/tokenize_split_showo.log",
+        priority: CHAIN_PRIORITY
+        conda:
+            MAIN_ENV
+        threads: 2
+        resources:
+            gpu=1,
         params:
             code=code_hash("tokenize"),
             size=SHOWO["image_size"],
             device=config["device"],
-        threads: 2
-        resources:
-            gpu=1,
-        priority: CHAIN_PRIORITY
-        conda:
-            MAIN_ENV
-        log:
-            f"{LOGS}/tokenize_split_showo.log",
         shell:
             "OMP_NUM_THREADS={threads} python -m arrag.cli tokenize --images {input.images:q} --vq {input.vq:q}"
             " --size {params.size} --device {params.device} --out {output:q} > {log:q} 2>&1"

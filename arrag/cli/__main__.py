@@ -1,0 +1,5 @@
+import sys
+
+from arrag.cli import main
+
+sys.exit(main())
