@@ -54,6 +54,21 @@ def test_an_option_that_mirrors_a_config_key_takes_the_schemas_default(argv, opt
     assert schema_default("showo.train.steps") != schema_default("shapes_models.lm.steps")  # the two differ
 
 
+def test_building_the_parser_imports_no_heavy_package():
+    """Every workflow job starts a command, so the parser's imports are paid hundreds of times a run: importing torch
+    there (through a defaults dataclass) once cost 10 s of CPU per job and made the CI run 7 minutes longer."""
+    code = ("import sys; from arrag.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'jsonschema', 'matplotlib', 'numpy') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_cli_reads_the_schema_the_config_is_validated_against():
+    from arrag.cli.options import SCHEMA_PATH as cli_schema
+
+    assert cli_schema.resolve() == SCHEMA_PATH.resolve() and cli_schema.is_file()
+
+
 def test_tables_on_a_missing_run_folder_fails_with_a_message(tmp_path):
     result = subprocess.run([sys.executable, "-m", "arrag.cli", "tables", "--run-dir", str(tmp_path / "nope"),
                              "--out-dir", str(tmp_path / "tables"), "--scale", "shapes"],

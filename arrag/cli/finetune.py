@@ -8,6 +8,7 @@ from pathlib import Path
 
 from arrag.cli.options import (
     config_default,
+    finetune_default,
     device_option,
     precision_option,
     resolve_device,
@@ -84,11 +85,9 @@ def cmd_finetune_showo_faid(args: argparse.Namespace) -> None:
 
 
 def _finetune_options(parser: argparse.ArgumentParser, key: str) -> None:
-    """Options of the shared fine-tuning loop: defaults from `arrag.training.finetune.FinetuneConfig` (the paper's
-    settings), the caption dropout from config key `key`.caption_dropout."""
-    from arrag.training.finetune import FinetuneConfig
-
-    defaults = FinetuneConfig()
+    """Options of the shared fine-tuning loop (`arrag.training.finetune.FinetuneConfig`): defaults from the schema's
+    fine-tuning settings (the paper's), the caption dropout from config key `key`.caption_dropout. (Read from the
+    schema, not from FinetuneConfig: importing torch to build the parser would cost every command seconds.)"""
     parser.add_argument("--backbone", required=True, help="hub id or local folder of the backbone")
     parser.add_argument("--revision", default="", help="pinned hub revision (empty: none)")
     parser.add_argument("--images", required=True, type=Path, help="fine-tuning split (images + annotations.jsonl)")
@@ -97,14 +96,14 @@ def _finetune_options(parser: argparse.ArgumentParser, key: str) -> None:
     parser.add_argument("--checkpoint", required=True, type=Path, help="resumable checkpoint folder")
     device_option(parser)
     parser.add_argument("--caption-dropout", type=float, default=config_default(f"{key}.caption_dropout"))
-    parser.add_argument("--epochs", type=float, default=defaults.epochs)
-    parser.add_argument("--global-batch", type=int, default=defaults.global_batch)
-    parser.add_argument("--micro-batch", type=int, default=defaults.micro_batch)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--warmup-fraction", type=float, default=defaults.warmup_fraction)
-    parser.add_argument("--lora-rank", type=int, default=defaults.lora_rank, help="0: no LoRA")
-    parser.add_argument("--lora-alpha", type=int, default=defaults.lora_alpha)
-    parser.add_argument("--lora-dropout", type=float, default=defaults.lora_dropout)
+    parser.add_argument("--epochs", type=float, default=finetune_default("epochs"))
+    parser.add_argument("--global-batch", type=int, default=finetune_default("global_batch"))
+    parser.add_argument("--micro-batch", type=int, default=finetune_default("micro_batch"))
+    parser.add_argument("--lr", type=float, default=finetune_default("lr"))
+    parser.add_argument("--warmup-fraction", type=float, default=finetune_default("warmup_fraction"))
+    parser.add_argument("--lora-rank", type=int, default=finetune_default("lora_rank"), help="0: no LoRA")
+    parser.add_argument("--lora-alpha", type=int, default=finetune_default("lora_alpha"))
+    parser.add_argument("--lora-dropout", type=float, default=finetune_default("lora_dropout"))
     parser.add_argument("--freeze-generation-head", action="store_true")
     parser.add_argument("--seed", type=int, default=config_default("seed"))
     precision_option(parser)

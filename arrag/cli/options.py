@@ -12,12 +12,14 @@ from pathlib import Path
 
 import yaml
 
-from arrag.config import SCHEMA_PATH
+# arrag.config.SCHEMA_PATH, without importing jsonschema: every command builds the parser, so its cost is paid by
+# every job of the workflow (a test checks that the two paths are the same file)
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 
 
 @cache
 def _schema() -> dict:
-    return yaml.safe_load(Path(SCHEMA_PATH).read_text())
+    return yaml.load(SCHEMA_PATH.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
 def config_default(key: str):
@@ -26,6 +28,11 @@ def config_default(key: str):
     for part in key.split("."):
         node = node["properties"][part]
     return node["default"]
+
+
+def finetune_default(name: str):
+    """The schema's default of setting `name` of the shared fine-tuning loop ($defs.finetune: the paper's)."""
+    return _schema()["$defs"]["finetune"]["properties"][name]["default"]
 
 
 def resolve_device(name: str) -> str:
