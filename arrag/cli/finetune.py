@@ -8,8 +8,8 @@ from pathlib import Path
 
 from arrag.cli.options import (
     config_default,
-    finetune_default,
     device_option,
+    finetune_default,
     precision_option,
     resolve_device,
     showo_tokenizer_options,
