@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from functools import cache
 
 from arrag import __version__
 
 STAGES = ("data", "models", "index", "finetune", "generate", "results")
 
 
+@cache
 def commands() -> dict[str, tuple]:
-    """{subcommand: (function, help, add_arguments)} of every stage module, in stage order."""
+    """{subcommand: (function, help, add_arguments)} of every stage module, in stage order (built once: the
+    workflow asks it for every rule's code hash)."""
     table = {}
     for stage in STAGES:
         table.update(importlib.import_module(f"arrag.cli.{stage}").COMMANDS)

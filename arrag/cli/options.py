@@ -27,17 +27,20 @@ def _schema() -> dict:
     return yaml.load(SCHEMA_PATH.read_text(), Loader=SafeLoader)
 
 
-def config_default(key: str):
-    """The schema's default of the dotted config key `key`, e.g. 'shapes_models.vq.steps' -> 900."""
-    node = _schema()
+def _default(node: dict, key: str):
     for part in key.split("."):
         node = node["properties"][part]
     return node["default"]
 
 
+def config_default(key: str):
+    """The schema's default of the dotted config key `key`, e.g. 'shapes_models.vq.steps' -> 900."""
+    return _default(_schema(), key)
+
+
 def finetune_default(name: str):
     """The schema's default of setting `name` of the shared fine-tuning loop ($defs.finetune: the paper's)."""
-    return _schema()["$defs"]["finetune"]["properties"][name]["default"]
+    return _default(_schema()["$defs"]["finetune"], name)
 
 
 def resolve_device(name: str) -> str:
