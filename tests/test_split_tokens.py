@@ -14,7 +14,7 @@ from arrag.training.finetune import finetune_pairs
 from arrag.training.lm import LMTrainConfig, train_lm
 from arrag.training.vq import VQTrainConfig, vq_config
 
-TINY_VQ = VQTrainConfig(image_size=16, grid=2, codebook_size=16, channel_multiplier=(1, 1, 2, 2), latent_channels=32)
+TINY_VQ = VQTrainConfig(image_size=16, grid=2, codebook_size=16, channel_multiplier=(1, 1, 1, 1), latent_channels=32)
 
 
 @pytest.fixture(scope="module")

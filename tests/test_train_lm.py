@@ -19,7 +19,7 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm")
     write_split(root / "train", "train", 16, ShapesConfig(image_size=16))
     torch.manual_seed(0)
-    vq = JanusVQVAE(vq_config(VQTrainConfig(image_size=16, grid=2, codebook_size=16, channel_multiplier=(1, 1, 2, 2),
+    vq = JanusVQVAE(vq_config(VQTrainConfig(image_size=16, grid=2, codebook_size=16, channel_multiplier=(1, 1, 1, 1),
                                             latent_channels=32)))
     vq.save_pretrained(root / "vq")
     return root

@@ -1,6 +1,7 @@
 """Shapes VQ training: the loss falls, and a killed run resumed from its checkpoint ends with the same weights."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from transformers import JanusVQVAE
 import arrag.training.vq as vq_training
 from arrag.shapes.dataset import ShapesConfig, read_annotations, write_split
 from arrag.shapes.vocab import vocabulary
-from arrag.training.vq import VQTrainConfig, reconstruct_split, train_vq
+from arrag.training.vq import VQTrainConfig, reconstruct_split, train_vq, vq_config
 
 TINY = VQTrainConfig(image_size=16, grid=4, codebook_size=16, base_channels=32, channel_multiplier=(1, 1, 1),
                      latent_channels=32, steps=8, batch_size=4, lr=2e-3, restart_every=4, checkpoint_every=3)
@@ -137,3 +138,10 @@ def test_the_cli_fails_below_the_detector_floors(images, tmp_path, capsys):
     with pytest.raises(SystemExit, match="measured on --heldout"):
         main(["train-vq", "--images", str(images), "--out", str(tmp_path / "c"), "--checkpoint",
               str(tmp_path / "c.pt"), "--min-color-accuracy", "0.5"])
+
+
+def test_a_vq_without_res_blocks_needs_one_width_for_every_level():
+    """JanusVQVAE changes the channel width inside a res block: with none, changing multipliers cannot build."""
+    vq_config(replace(TINY, num_res_blocks=0, channel_multiplier=(1, 1, 1)))  # one width: builds
+    with pytest.raises(ValueError, match="num_res_blocks 0"):
+        vq_config(replace(TINY, num_res_blocks=0, channel_multiplier=(1, 2, 2)))

@@ -238,13 +238,16 @@ def tiny_janus_config(
     vq_base_channels: int = 32,
     vq_latent_channels: int = 64,
     vq_embed_dim: int = 8,
+    vq_channel_multiplier: tuple[int, ...] | None = None,
+    vq_num_res_blocks: int = 1,
 ) -> JanusConfig:
     """A small but valid JanusConfig: (image_size / patch_size) ** 2 image tokens, `codebook_size` codes.
 
     Consistency rules (DESIGN "transformers Janus pitfalls"): the token grid comes from the vision config
     (JanusConfig sets vq_config.num_patches = image_size // patch_size); vision_config.num_image_tokens is the
     grid area; the VQ downsamples by patch_size = 2 ** (levels - 1); every GroupNorm(32) width is a multiple
-    of 32; vision/VQ projection dims and the image-token embedding dim equal the LM hidden size.
+    of 32; vision/VQ projection dims and the image-token embedding dim equal the LM hidden size. The VQ's
+    channel multipliers default to Janus's first `levels`; give them (and `vq_num_res_blocks`) to match a trained VQ.
     """
     levels = patch_size.bit_length()
     if patch_size != 2 ** (levels - 1) or levels > len(JANUS_CHANNEL_MULTIPLIER):
@@ -279,8 +282,8 @@ def tiny_janus_config(
         num_embeddings=codebook_size,
         latent_channels=vq_latent_channels,
         base_channels=vq_base_channels,
-        channel_multiplier=list(JANUS_CHANNEL_MULTIPLIER[:levels]),
-        num_res_blocks=1,
+        channel_multiplier=list(vq_channel_multiplier or JANUS_CHANNEL_MULTIPLIER[:levels]),
+        num_res_blocks=vq_num_res_blocks,
         projection_dim=hidden_size,
         image_token_embed_dim=hidden_size,
     )

@@ -70,7 +70,8 @@ def build_backbone(captions: list[str], vq: JanusVQVAE, config: LMTrainConfig) -
         codebook_size=vq_config.num_embeddings, hidden_size=config.hidden_size, num_layers=config.num_layers,
         num_heads=config.num_heads, intermediate_size=config.intermediate_size,
         vq_base_channels=vq_config.base_channels, vq_latent_channels=vq_config.latent_channels,
-        vq_embed_dim=vq_config.embed_dim,
+        vq_embed_dim=vq_config.embed_dim, vq_channel_multiplier=tuple(vq_config.channel_multiplier),
+        vq_num_res_blocks=vq_config.num_res_blocks,
     )
     backbone.vq.load_state_dict(vq.state_dict())
     return backbone

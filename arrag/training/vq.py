@@ -9,6 +9,11 @@ unweighted loss lets the tokenizer paint them as blobs of one colour (demo sizes
 colour accuracy on held-out reconstructions 0.20 unweighted at lr 2e-3, 0.995 with weight 9 at lr 5e-4, 0.97 with
 weight 9 at lr 2e-3). Codes unused over `restart_every` steps are restarted on random latents of the current batch,
 which keeps the codebook alive. Adam at `lr` decayed by a cosine to a tenth at the last step.
+Architecture: 32 channels at every level and no res blocks (261K parameters). At the demo's settings it kept the
+held-out quality of Janus's layout scaled down (multipliers 1, 1, 2, 2 with a res block per level, 1.15M
+parameters; the spread of both is in the README) at a third of the cost of a training step and a quarter of the
+encoding (AMD EPYC Zen 3, fp32: 0.25 against 0.73 s per step of 16 images at 2 threads), which is most of what
+the demo spends on its tokenizer: training it, then encoding the database and the training split.
 `heldout_checks` measures what later stages need: the Shapes detector on held-out reconstructions, and the PSNR
 beside that of a background-only fill.
 """
@@ -42,8 +47,8 @@ class VQTrainConfig:
     codebook_size: int = 512
     embed_dim: int = 8
     base_channels: int = 32
-    channel_multiplier: tuple[int, ...] = (1, 1, 2, 2)
-    num_res_blocks: int = 1
+    channel_multiplier: tuple[int, ...] = (1, 1, 1, 1)
+    num_res_blocks: int = 0  # with constant multipliers (JanusVQVAE needs a res block where channels change)
     latent_channels: int = 64
     steps: int = 900
     batch_size: int = 16
@@ -63,6 +68,9 @@ def vq_config(config: VQTrainConfig) -> JanusVQVAEConfig:
                          f"{config.image_size // 2**levels} grid, not {config.grid}: change channel_multiplier")
     if any(config.base_channels * m % 32 for m in config.channel_multiplier):
         raise ValueError("every base_channels x channel_multiplier must be a multiple of 32 (GroupNorm(32))")
+    if config.num_res_blocks == 0 and len(set(config.channel_multiplier)) > 1:
+        raise ValueError("num_res_blocks 0 needs one channel_multiplier for every level (JanusVQVAE changes the width "
+                         "inside a res block)")
     return JanusVQVAEConfig(
         embed_dim=config.embed_dim, num_embeddings=config.codebook_size, latent_channels=config.latent_channels,
         base_channels=config.base_channels, channel_multiplier=list(config.channel_multiplier),
