@@ -10,7 +10,7 @@ rule train_shapes_vq:
         directory(f"{R}/models/vq"),
     log:
         f"{LOGS}/train_shapes_vq.log",
-    priority: CHAIN_PRIORITY
+    priority: LONGEST_CHAIN_PRIORITY
     conda:
         MAIN_ENV
     threads: 2
@@ -45,7 +45,7 @@ rule tokenize_split:
         SPLIT_TOKENS,
     log:
         f"{LOGS}/tokenize_split.log",
-    priority: CHAIN_PRIORITY
+    priority: LONGEST_CHAIN_PRIORITY
     conda:
         MAIN_ENV
     threads: 2
@@ -70,7 +70,7 @@ rule train_shapes_lm:
         directory(f"{R}/models/backbone"),
     log:
         f"{LOGS}/train_shapes_lm.log",
-    priority: CHAIN_PRIORITY
+    priority: LONGEST_CHAIN_PRIORITY
     conda:
         MAIN_ENV
     threads: 2
