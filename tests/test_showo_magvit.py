@@ -108,7 +108,7 @@ def test_faid_finetune_and_generation_take_the_tokenizer(world, tmp_path):
 
 
 def test_a_tokenizer_of_another_grid_is_refused(world, tmp_path):
-    JanusVQVAE(vq_config(VQTrainConfig(image_size=16, grid=2, codebook_size=16, channel_multiplier=(1, 1, 2, 2),
+    JanusVQVAE(vq_config(VQTrainConfig(image_size=16, grid=2, codebook_size=16, channel_multiplier=(1, 1, 1, 1),
                                        latent_channels=32))).save_pretrained(tmp_path / "vq")
     with pytest.raises(ValueError, match="makes 2-token grids, the backbone 8"):
         load_showo_tokenizer(world / "showo", 8, str(tmp_path / "vq"))

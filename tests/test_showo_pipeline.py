@@ -21,7 +21,7 @@ def world(tmp_path_factory):
     write_split(root / "train", "train", 12, ShapesConfig(image_size=16))
     write_split(root / "database", "database", 12, ShapesConfig(image_size=16))
     torch.manual_seed(0)
-    vq = JanusVQVAE(vq_config(VQTrainConfig(image_size=16, grid=4, codebook_size=16, channel_multiplier=(1, 1, 2),
+    vq = JanusVQVAE(vq_config(VQTrainConfig(image_size=16, grid=4, codebook_size=16, channel_multiplier=(1, 1, 1),
                                             latent_channels=32)))
     vq.save_pretrained(root / "vq")
     tiny = ["--hidden-size", "32", "--num-layers", "2", "--num-heads", "2", "--intermediate-size", "64"]

@@ -36,7 +36,7 @@ def data(tmp_path_factory):
     write_split(root / "train", "train", 8, ShapesConfig(image_size=16))
     write_split(root / "heldout", "heldout", 4, ShapesConfig(image_size=16))
     torch.manual_seed(0)
-    vq = JanusVQVAE(vq_config(VQTrainConfig(image_size=16, grid=4, codebook_size=16, channel_multiplier=(1, 1, 2),
+    vq = JanusVQVAE(vq_config(VQTrainConfig(image_size=16, grid=4, codebook_size=16, channel_multiplier=(1, 1, 1),
                                             latent_channels=32)))
     vq.save_pretrained(root / "vq")
     return root

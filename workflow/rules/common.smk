@@ -60,8 +60,8 @@ EVAL_THREADS = 1 if SHAPES else 2
 # Models, index and fine-tunes (the long chains) start before generation and metric jobs that are ready, so that
 # no method's chain is left to finish alone at the end of the run while the other core idles.
 CHAIN_PRIORITY = 10
-# The longest chain of all (tokenizer -> training tokens -> backbone -> fine-tunes -> generation) starts first: run
-# after the CLIP, its head left the demo's other core waiting on it for 3.5 minutes (AMD EPYC Zen 3).
+# The longest chain of all (tokenizer -> training tokens -> backbone -> fine-tunes -> generation) starts first, before
+# the CLIP's, so that its tail is not what the run ends waiting for.
 LONGEST_CHAIN_PRIORITY = CHAIN_PRIORITY + 1
 FINETUNE_GPUS = 0 if SHAPES else config["finetune_gpus"]
 # The fine-tuning CLI, under torchrun (one process per GPU, gradients summed) when a job has several GPUs.
