@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,3 +118,27 @@ def prompt_items(benchmark: str, path: str | Path) -> list[PromptItem]:
     if benchmark == "mjhq":
         return [PromptItem(key, v["prompt"], v["category"]) for key, v in load_mjhq_meta(path).items()]
     raise ValueError(f"unknown benchmark {benchmark!r}; allowed: geneval, dpg, mjhq")
+
+
+def stratified_subset(items: list[PromptItem], size: int, seed: int) -> list[PromptItem]:
+    """`size` of the MJHQ prompts `items`, stratified by category, in file order (the ablation subset).
+
+    Each category gets size x its share of `items`, rounded down, and the prompts left over go to the categories
+    with the largest remainders (ties: category name); within a category the prompts are a seeded random sample.
+    So the subset has the reference set's category mix, which FID against all references needs. All items when
+    `size` >= len(items).
+    """
+    if size >= len(items):
+        return list(items)
+    by_category: dict[str, list[str]] = {}
+    for item in items:
+        by_category.setdefault(item.category or "", []).append(item.id)
+    shares = {c: size * len(ids) / len(items) for c, ids in sorted(by_category.items())}
+    quota = {c: int(share) for c, share in shares.items()}
+    for c in sorted(shares, key=lambda c: (-(shares[c] - quota[c]), c))[:size - sum(quota.values())]:
+        quota[c] += 1
+    chosen = set()
+    for c, ids in by_category.items():
+        sampler = random.Random(f"{seed}:{c}")  # noqa: S311 (a reproducible sample, not a secret)
+        chosen.update(sampler.sample(ids, quota[c]))
+    return [item for item in items if item.id in chosen]

@@ -17,7 +17,8 @@ is written after the images. A record's `generation_seconds` covers every image 
 reuses them (Table 4 is rendered from these records). Layouts (the official ones):
     geneval   <images>/<index:05d>/metadata.jsonl and <images>/<index:05d>/samples/<k:04d>.png
     dpg       <images>/<item_id>.png, a 2x2 grid of 4 samples
-    mjhq      <images>/<category>/<id>.png (mjhq_ablation: the first `ablation_subset` prompts)
+    mjhq      <images>/<category>/<id>.png (mjhq_ablation: `ablation_subset` prompts stratified by category,
+              `arrag.benchmarks.stratified_subset` with the run's seed)
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from arrag.benchmarks import PromptItem, load_geneval_metadata, prompt_items
+from arrag.benchmarks import PromptItem, load_geneval_metadata, prompt_items, stratified_subset
 from arrag.codehash import code_hash
 from arrag.models.janus import JanusBackbone, SamplingConfig, derive_seed, generate_tokens
 from arrag.models.vq import decode_tokens
@@ -56,14 +57,15 @@ class Unit:
     path: str
 
 
-def units_for(benchmark: str, items: list[PromptItem], samples_per_prompt: int, ablation_subset: int) -> list[Unit]:
+def units_for(benchmark: str, items: list[PromptItem], samples_per_prompt: int, ablation_subset: int,
+              seed: int = 0) -> list[Unit]:
     """Every image to generate, in prompt order. A DPG prompt's 4 samples share its grid file."""
     if benchmark == "geneval":
         return [Unit(item, k, f"{item.id}/samples/{k:04d}.png") for item in items for k in range(samples_per_prompt)]
     if benchmark == "dpg":
         return [Unit(item, k, f"{item.id}.png") for item in items for k in range(DPG_GRID * DPG_GRID)]
     if benchmark == "mjhq_ablation":
-        items = items[:ablation_subset]
+        items = stratified_subset(items, ablation_subset, seed)
     return [Unit(item, 0, f"{item.category}/{item.id}.png") for item in items]
 
 
@@ -217,7 +219,7 @@ def generate_shard(
     items = prompt_items("mjhq" if benchmark == "mjhq_ablation" else benchmark, prompts)
     if benchmark == "geneval":
         write_geneval_metadata(Path(prompts), items, out)
-    units = units_for(benchmark, items, samples_per_prompt, ablation_subset)
+    units = units_for(benchmark, items, samples_per_prompt, ablation_subset, seed)
     batches = micro_batches(units, micro_batch, benchmark)
     model = {"source": backbone.source, "revision": backbone.revision,
              "weights_sha256": weights_sha256(backbone.source)}

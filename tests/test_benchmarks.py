@@ -9,11 +9,13 @@ import pytest
 from arrag.benchmarks import (
     DPG_COLUMNS,
     GENEVAL_TAGS,
+    PromptItem,
     load_dpg_prompts,
     load_dpg_questions,
     load_geneval_metadata,
     load_mjhq_meta,
     prompt_items,
+    stratified_subset,
 )
 from arrag.shapes.benchmarks import BenchmarkSizes, geneval_candidates, write_benchmarks
 from arrag.shapes.dataset import ShapesConfig, read_annotations, write_split
@@ -132,3 +134,14 @@ def test_loader_errors_name_the_file_and_line(tmp_path):
         load_dpg_questions(csv_file)
     with pytest.raises(ValueError, match="mjhq_images = 5 exceeds the held-out split"):
         write_benchmarks(tmp_path / "o", CONFIG, BenchmarkSizes(1, 1, 5), tmp_path, [])
+
+
+def test_the_ablation_subset_is_stratified_by_category_seeded_and_in_file_order():
+    items = [PromptItem(f"{c}{i}", "p", c) for c, n in (("b", 3), ("a", 6), ("c", 1)) for i in range(n)]
+    subset = stratified_subset(items, 5, seed=0)
+    # shares 3 (a), 1.5 (b), 0.5 (c): floors 3 + 1 + 0, the one left over to the larger remainder, b before c by name
+    assert Counter(item.category for item in subset) == {"a": 3, "b": 2}
+    assert subset == [item for item in items if item in subset]  # file order
+    assert stratified_subset(items, 5, seed=0) == subset
+    assert {tuple(stratified_subset(items, 5, seed=s)) for s in range(10)} != {tuple(subset)}  # the seed samples
+    assert stratified_subset(items, 10, seed=3) == items and stratified_subset(items, 99, seed=3) == items

@@ -338,6 +338,31 @@ def test_gradients_reach_only_trainable_tensors(world):
     assert not any("generation_embeddings" in n or "aligner" in n for n in with_grad)
 
 
+def test_max_images_limits_the_retrievals_and_the_finetuning_set(world, tmp_path):
+    """`max_images` N: retrievals of the split's first N images only (the same rows as the full run's) and a
+    fine-tune over those N; shards made without the same N are refused."""
+    from arrag.faid.train import finetune_faid, precompute_retrievals, read_retrievals
+    from arrag.training.finetune import finetune_pairs
+
+    root, _ = world
+    limited = [precompute_retrievals(root / "index", str(root / "backbone"), root / "train", 4, shard, 2,
+                                     tmp_path / f"r{shard}.npz", max_images=6) for shard in (0, 1)]
+    assert [s["images"] for s in limited] == [3, 3]
+    part = read_retrievals([tmp_path / "r0.npz", tmp_path / "r1.npz"])
+    full = read_retrievals([root / "retrievals0.npz", root / "retrievals1.npz"])
+    first = sorted(r["id"] for r in finetune_pairs(root / "train")[0][:6])
+    assert list(part["ids"]) == first
+    rows = [list(full["ids"]).index(i) for i in first]
+    assert torch.equal(torch.from_numpy(part["retrieved"]), torch.from_numpy(full["retrieved"][rows]))
+    settings, config = FAiDSettings(hops="1", m=1, k=4), tiny_config(epochs=1, global_batch=2, micro_batch=2)
+    with pytest.raises(ValueError, match="--max-images"):
+        finetune_faid(str(root / "backbone"), root / "train", [root / "retrievals0.npz", root / "retrievals1.npz"],
+                      tmp_path / "a", tmp_path / "ca", settings, config, max_images=6)
+    metrics = finetune_faid(str(root / "backbone"), root / "train", [tmp_path / "r0.npz", tmp_path / "r1.npz"],
+                            tmp_path / "b", tmp_path / "cb", settings, config, max_images=6)
+    assert metrics["optimizer_steps"] == 6 // 2  # one epoch of the 6 images, not of the split's 16
+
+
 def test_finetune_learns_resumes_and_loads(world, tmp_path):
     from safetensors.torch import load_file
 

@@ -224,7 +224,7 @@ def test_parquet_and_webdataset_sources(tmp_path):
     assert [image_id for _, image_id, _ in chosen] == ["cc-1-0", "cc-1-1", "uid1"]
 
 
-def test_cli_builds_the_index_and_the_figure_6_analysis(tmp_path, vq_dir, database):
+def test_cli_builds_the_index_and_the_figure_6_analysis(tmp_path, vq_dir, database, monkeypatch):
     heldout = tmp_path / "heldout"
     (heldout / "images").mkdir(parents=True)
     for i in range(4):
@@ -247,3 +247,22 @@ def test_cli_builds_the_index_and_the_figure_6_analysis(tmp_path, vq_dir, databa
     lines = csv_path.read_text().splitlines()
     assert lines[0] == "k,mean_distance,mean_random_distance,match_rate,positions" and len(lines) == 6
     assert png_path.read_bytes()[:4] == b"\x89PNG"
+
+    # --limit streams: no image past the limit is read (the paper's fine-tuning split is 50K images)
+    import arrag.patchdb.sources as sources
+
+    original, read = sources.read_sources, []
+
+    class Counted:
+        def __init__(self, source):
+            self.source = source
+
+        def read(self):
+            for image_id, data in self.source.read():
+                read.append(image_id)
+                yield image_id, data
+
+    monkeypatch.setattr(sources, "read_sources", lambda root: [Counted(s) for s in original(root)])
+    assert main(["retrieval-analysis", "--index", str(out / "index.tokens"), "--vq", str(vq_dir), "--images",
+                 str(heldout), "--k", "5", "--limit", "2", "--csv", str(csv_path), "--png", str(png_path)]) == 0
+    assert len(read) == 2

@@ -55,7 +55,8 @@ def cmd_precompute_retrievals(args: argparse.Namespace) -> None:
     from arrag.faid.train import precompute_retrievals
 
     summary = precompute_retrievals(args.index, args.backbone, args.images, args.k, args.shard, args.shards, args.out,
-                                    resolve_device(args.device), args.revision or None, tokens_file=args.tokens)
+                                    resolve_device(args.device), args.revision or None, tokens_file=args.tokens,
+                                    max_images=args.max_images)
     print(json.dumps(summary))
 
 
@@ -66,7 +67,7 @@ def cmd_finetune_faid(args: argparse.Namespace) -> None:
     settings = FAiDSettings(hops=args.hops, m=args.num_blenders, k=args.k, init=args.init)
     metrics = finetune_faid(args.backbone, args.images, args.retrievals, args.out, args.checkpoint, settings,
                             _finetune_config(args), args.caption_dropout, _finetune_device(args.device),
-                            args.revision or None)
+                            args.revision or None, args.max_images)
     _print_finetune(metrics)
     print(f"blenders on layers {metrics['layers']}: {metrics['blender_parameters']} parameters")
 
@@ -124,8 +125,14 @@ def _add_precompute_retrievals(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=config_default("faid.k"), help="retrieved patches per position")
     parser.add_argument("--shard", type=int, default=0)
     parser.add_argument("--shards", type=int, default=1)
+    _faid_max_images_option(parser)
     device_option(parser)
     parser.add_argument("--out", required=True, type=Path, help=".npz file to write")
+
+
+def _faid_max_images_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-images", type=int, default=config_default("faid.max_images"),
+                        help="the first N fine-tuning images only (0: all)")
 
 
 def _add_finetune_faid(parser: argparse.ArgumentParser) -> None:
@@ -135,6 +142,7 @@ def _add_finetune_faid(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=config_default("faid.k"), help="retrieved patches per position")
     parser.add_argument("--init", default=config_default("faid.init"), choices=["zero", "official"],
                         help="blender initialisation: zero output convolutions (default) or the official Kaiming")
+    _faid_max_images_option(parser)
     parser.add_argument("retrievals", nargs="+", type=Path, help="precompute-retrievals shard files")
 
 

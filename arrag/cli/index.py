@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from itertools import islice
 from pathlib import Path
 
 from arrag.cli.options import config_default, device_option, resolve_device
@@ -86,7 +87,8 @@ def cmd_retrieval_analysis(args: argparse.Namespace) -> None:
     stored, _ = read_metadata(metadata_path(args.index))
     expected = Fingerprint.expected(codebook_vectors(vq, normalized=True), vq_geometry(vq)[1], stored.spec)
     index = PatchIndex.load(args.index, expected=expected)
-    images = [data for source in read_sources(args.images) for _, data in source.read()][:args.limit or None]
+    stream = (data for source in read_sources(args.images) for _, data in source.read())
+    images = list(islice(stream, args.limit or None))  # reads no image past the limit
     tokens, _ = encode_images(vq, images, desc="encode held-out images")
     rows = retrieval_accuracy(index, torch.from_numpy(tokens.astype("int64")), k=args.k, seed=args.seed)
     write_retrieval_accuracy(rows, args.csv, args.png, title=f"{len(images)} held-out images, "

@@ -52,16 +52,16 @@ SETTINGS_FILE = "faid.json"
 # ---------------------------------------------------------------------------------------------- retrievals
 def precompute_retrievals(index_path: str | Path, backbone_source: str, train_dir: str | Path, k: int, shard: int,
                           shards: int, out: str | Path, device: str = "cpu", revision: str | None = None,
-                          batch_images: int = 64, tokens_file: str | Path | None = None) -> dict:
+                          batch_images: int = 64, tokens_file: str | Path | None = None, max_images: int = 0) -> dict:
     """Write `out` (.npz): ids [n] (str), tokens [n, N] int32, retrieved [n, N, k] int32 (-1: none), distances
-    [n, N, k] float32 for images shard, shard + shards, ... of the split (their tokens from `tokens_file` when
-    given, else encoded here); returns a summary."""
+    [n, N, k] float32 for images shard, shard + shards, ... of the split's first `max_images` (0: all; their
+    tokens from `tokens_file` when given, else encoded here); returns a summary."""
     if not 0 <= shard < shards:
         raise ValueError(f"shard {shard} is not in 0..{shards - 1}")
     backbone = load_backbone(backbone_source, revision=revision, device=device)
     index = load_index_for(backbone.vq, index_path)
     records, _, files = finetune_pairs(train_dir)
-    rows = list(range(shard, len(records), shards))
+    rows = list(range(shard, len(records[:max_images or None]), shards))
     grid = backbone.grid_size
     tokens = (vq_tokens(backbone, [files[r] for r in rows], tokens_file) if rows
               else torch.zeros(0, grid * grid, dtype=torch.long))
@@ -112,15 +112,18 @@ def faid_loss(backbone: JanusBackbone, batch: dict[str, torch.Tensor], generator
 
 def finetune_faid(backbone_source: str, train_dir: str | Path, retrieval_files: list[str | Path], out_dir: str | Path,
                   checkpoint_dir: str | Path, settings: FAiDSettings, config: FinetuneConfig,
-                  caption_dropout: float = 0.1, device: str = "cpu", revision: str | None = None) -> dict:
-    """Fine-tune FAiD (hops, m of `settings`) and write `out_dir` (see the module docstring); returns metrics."""
+                  caption_dropout: float = 0.1, device: str = "cpu", revision: str | None = None,
+                  max_images: int = 0) -> dict:
+    """Fine-tune FAiD (hops, m of `settings`) on the split's first `max_images` (0: all) and write `out_dir` (see
+    the module docstring); returns metrics."""
     backbone = load_backbone(backbone_source, revision=revision, device=device)
-    records, captions, _ = finetune_pairs(train_dir)
+    records, captions, _ = (part[:max_images or None] for part in finetune_pairs(train_dir))
     data = read_retrievals(retrieval_files)
     expected_ids = sorted(r["id"] for r in records)
     if list(data["ids"]) != expected_ids:
-        raise ValueError(f"the retrieval shards cover {len(data['ids'])} images, {train_dir} has {len(records)}: "
-                         "rerun precompute-retrievals for every shard")
+        raise ValueError(f"the retrieval shards cover {len(data['ids'])} images, the fine-tuning set has "
+                         f"{len(records)} ({train_dir}, max_images {max_images}): rerun precompute-retrievals for "
+                         "every shard with the same --max-images")
     if data["retrieved"].shape[-1] < settings.k:
         raise ValueError(f"retrievals hold k={data['retrieved'].shape[-1]} patches, FAiD asks k={settings.k}")
     by_id = {r["id"]: caption for r, caption in zip(records, captions, strict=True)}

@@ -296,6 +296,18 @@ def cmmd_model_args():
     return {}
 
 
+def fwd_args():
+    """FWD's wavelet, level and resize from the config's evaluation block."""
+    evaluation = config["evaluation"]
+    resize = evaluation["fwd_resize"]
+    return [
+        "--wavelet",
+        evaluation["fwd_wavelet"],
+        "--level",
+        str(evaluation["fwd_level"]),
+    ] + (["--resize", str(resize)] if resize else [])
+
+
 def open_clip_args(model, pretrained):
     """How CMMD and build-clip-index load a CLIP (`--model`, `--pretrained`, `--model-config`): 'shapes' is the
     Shapes CLIP trained in the DAG, anything else an open_clip name with its pretrained tag or file.

@@ -15,6 +15,8 @@ rule image_metric:
         f"{R}/metrics/{{bench}}/{{method}}/{{variant}}/{{metric}}.json",
     log:
         f"{LOGS}/metrics/{{bench}}/{{method}}/{{variant}}/{{metric}}.log",
+    benchmark:
+        f"{LOGS}/metrics/{{bench}}/{{method}}/{{variant}}/{{metric}}.benchmark.tsv"
     wildcard_constraints:
         bench="mjhq|mjhq_ablation",
         metric="fid|cmmd|fwd",
@@ -35,6 +37,7 @@ rule image_metric:
             if wc.metric == "cmmd"
             else []
         ),
+        fwd=lambda wc: fwd_args() if wc.metric == "fwd" else [],
         per_category=lambda wc: (
             []
             if wc.metric != "fid"
@@ -45,7 +48,7 @@ rule image_metric:
         config_hash=CONFIG_HASH,
     shell:
         "OMP_NUM_THREADS={threads} python -m evaluators {wildcards.metric} {params.real:q} {params.images:q} --out {output:q}"
-        " {params.clip:q} {params.per_category:q} --seed {params.seed} --config-hash {params.config_hash} --generation-record {input.record:q} > {log:q} 2>&1"
+        " {params.clip:q} {params.fwd:q} {params.per_category:q} --seed {params.seed} --config-hash {params.config_hash} --generation-record {input.record:q} > {log:q} 2>&1"
 
 
 rule geneval_score:
@@ -62,6 +65,8 @@ rule geneval_score:
         f"{R}/metrics/{{bench}}/{{method}}/{{variant}}/geneval.json",
     log:
         f"{LOGS}/metrics/{{bench}}/{{method}}/{{variant}}/geneval.log",
+    benchmark:
+        f"{LOGS}/metrics/{{bench}}/{{method}}/{{variant}}/geneval.benchmark.tsv"
     wildcard_constraints:
         bench="geneval",
     conda:
@@ -88,6 +93,8 @@ rule dpg_score:
         f"{R}/metrics/{{bench}}/{{method}}/{{variant}}/dpg.json",
     log:
         f"{LOGS}/metrics/{{bench}}/{{method}}/{{variant}}/dpg.log",
+    benchmark:
+        f"{LOGS}/metrics/{{bench}}/{{method}}/{{variant}}/dpg.benchmark.tsv"
     wildcard_constraints:
         bench="dpg",
     conda:

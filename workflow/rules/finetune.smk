@@ -13,6 +13,8 @@ rule precompute_retrievals:
         f"{R}/faid/retrievals/{{shard}}.npz",
     log:
         f"{LOGS}/precompute_retrievals/{{shard}}.log",
+    benchmark:
+        f"{LOGS}/precompute_retrievals/{{shard}}.benchmark.tsv"
     priority: CHAIN_PRIORITY
     conda:
         MAIN_ENV
@@ -22,12 +24,13 @@ rule precompute_retrievals:
         code=code_hash("precompute-retrievals"),
         k=config["faid"]["k"],
         shards=config["index"]["shards"],
+        max_images=config["faid"]["max_images"],
         device=config["device"],
         revision=config["backbone"]["revision"] or "",
     shell:
         "OMP_NUM_THREADS={threads} python -m arrag.cli precompute-retrievals --index {input.index:q} --backbone {input.backbone:q}"
         " --revision={params.revision:q} --images {input.images:q} --tokens {input.tokens:q} --k {params.k}"
-        " --shard {wildcards.shard} --shards {params.shards}"
+        " --shard {wildcards.shard} --shards {params.shards} --max-images {params.max_images}"
         " --device {params.device} --out {output:q} > {log:q} 2>&1"
 
 
@@ -41,6 +44,8 @@ rule finetune_faid:
         directory(f"{R}/models/faid/hops{{hops}}_m{{m}}"),
     log:
         f"{LOGS}/finetune_faid/hops{{hops}}_m{{m}}.log",
+    benchmark:
+        f"{LOGS}/finetune_faid/hops{{hops}}_m{{m}}.benchmark.tsv"
     wildcard_constraints:
         hops=r"[1-9]+",
         m=r"\d+",
@@ -60,12 +65,14 @@ rule finetune_faid:
         k=config["faid"]["k"],
         dropout=config["faid"]["caption_dropout"],
         init=config["faid"]["init"],
+        max_images=config["faid"]["max_images"],
         tuning=finetune_arguments(config["faid"]["finetune"]),
         seed=config["seed"],
     shell:
         "OMP_NUM_THREADS={threads} {params.launch:q} finetune-faid --backbone {input.backbone:q} --revision={params.revision:q}"
         " --images {input.images:q} --hops {wildcards.hops} --num-blenders {wildcards.m} --k {params.k} --out {output:q}"
         " --checkpoint {params.checkpoint:q} --device {params.device} --caption-dropout {params.dropout} --init {params.init}"
+        " --max-images {params.max_images}"
         " {params.tuning:q}"
         " --seed {params.seed} {input.retrievals:q} --precision {params.precision} > {log:q} 2>&1"
 
@@ -79,6 +86,8 @@ rule build_clip_index:
         directory(f"{R}/racm3/clip_index"),
     log:
         f"{LOGS}/build_clip_index.log",
+    benchmark:
+        f"{LOGS}/build_clip_index.benchmark.tsv"
     priority: CHAIN_PRIORITY
     conda:
         MAIN_ENV
@@ -107,6 +116,8 @@ rule finetune_racm3:
         directory(f"{R}/models/racm3"),
     log:
         f"{LOGS}/finetune_racm3.log",
+    benchmark:
+        f"{LOGS}/finetune_racm3.benchmark.tsv"
     priority: CHAIN_PRIORITY
     conda:
         MAIN_ENV

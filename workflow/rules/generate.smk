@@ -12,6 +12,8 @@ rule generate:
         f"{R}/generated/{{bench}}/{{method}}/{{variant}}/shards/{{shard}}.json",
     log:
         f"{LOGS}/generate/{{bench}}/{{method}}/{{variant}}/{{shard}}.log",
+    benchmark:
+        f"{LOGS}/generate/{{bench}}/{{method}}/{{variant}}/{{shard}}.benchmark.tsv"
     conda:
         MAIN_ENV
     threads: EVAL_THREADS

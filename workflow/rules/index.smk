@@ -58,6 +58,8 @@ rule encode_patches:
         f"{R}/index/shards/{{shard}}.npz",
     log:
         f"{LOGS}/encode_patches/{{shard}}.log",
+    benchmark:
+        f"{LOGS}/encode_patches/{{shard}}.benchmark.tsv"
     priority: CHAIN_PRIORITY
     conda:
         MAIN_ENV
@@ -84,6 +86,8 @@ rule train_index:
         meta=f"{R}/index/trained.{INDEX_SUFFIX}.json",
     log:
         f"{LOGS}/train_index.log",
+    benchmark:
+        f"{LOGS}/train_index.benchmark.tsv"
     conda:
         MAIN_ENV
     params:
@@ -108,6 +112,8 @@ rule add_shard:
         meta=f"{R}/index/added/{{shard}}.{INDEX_SUFFIX}.json",
     log:
         f"{LOGS}/add_shard/{{shard}}.log",
+    benchmark:
+        f"{LOGS}/add_shard/{{shard}}.benchmark.tsv"
     conda:
         MAIN_ENV
     params:
@@ -131,6 +137,8 @@ rule merge_index:
         sidecars=INDEX_SIDECARS,
     log:
         f"{LOGS}/merge_index.log",
+    benchmark:
+        f"{LOGS}/merge_index.benchmark.tsv"
     conda:
         MAIN_ENV
     params:
@@ -153,6 +161,8 @@ rule retrieval_analysis:
         png=report(f"{R}/analysis/retrieval_accuracy.png", category="Patch retrieval"),
     log:
         f"{LOGS}/retrieval_analysis.log",
+    benchmark:
+        f"{LOGS}/retrieval_analysis.benchmark.tsv"
     conda:
         MAIN_ENV
     resources:

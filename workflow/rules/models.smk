@@ -10,6 +10,8 @@ rule train_shapes_vq:
         directory(f"{R}/models/vq"),
     log:
         f"{LOGS}/train_shapes_vq.log",
+    benchmark:
+        f"{LOGS}/train_shapes_vq.benchmark.tsv"
     priority: LONGEST_CHAIN_PRIORITY
     conda:
         MAIN_ENV
@@ -45,6 +47,8 @@ rule tokenize_split:
         SPLIT_TOKENS,
     log:
         f"{LOGS}/tokenize_split.log",
+    benchmark:
+        f"{LOGS}/tokenize_split.benchmark.tsv"
     priority: LONGEST_CHAIN_PRIORITY
     conda:
         MAIN_ENV
@@ -70,6 +74,8 @@ rule train_shapes_lm:
         directory(f"{R}/models/backbone"),
     log:
         f"{LOGS}/train_shapes_lm.log",
+    benchmark:
+        f"{LOGS}/train_shapes_lm.benchmark.tsv"
     priority: LONGEST_CHAIN_PRIORITY
     conda:
         MAIN_ENV
@@ -105,6 +111,8 @@ rule train_shapes_clip:
         directory(SHAPES_CLIP),
     log:
         f"{LOGS}/train_shapes_clip.log",
+    benchmark:
+        f"{LOGS}/train_shapes_clip.benchmark.tsv"
     priority: CHAIN_PRIORITY
     conda:
         MAIN_ENV

@@ -21,6 +21,8 @@ if SHAPES:
             directory(SHOWO_MODEL),
         log:
             f"{LOGS}/train_shapes_showo.log",
+        benchmark:
+            f"{LOGS}/train_shapes_showo.benchmark.tsv"
         priority: CHAIN_PRIORITY
         conda:
             MAIN_ENV
@@ -48,6 +50,8 @@ rule showo_index:
         sidecars=SHOWO_INDEX_SIDECARS,
     log:
         f"{LOGS}/showo_index.log",
+    benchmark:
+        f"{LOGS}/showo_index.benchmark.tsv"
     priority: CHAIN_PRIORITY
     conda:
         MAIN_ENV
@@ -81,6 +85,8 @@ rule finetune_showo_faid:
         directory(f"{R}/models/showo_faid"),
     log:
         f"{LOGS}/finetune_showo_faid.log",
+    benchmark:
+        f"{LOGS}/finetune_showo_faid.benchmark.tsv"
     priority: CHAIN_PRIORITY
     conda:
         MAIN_ENV
@@ -127,6 +133,8 @@ if not SHAPES:
             f"{R}/index_showo/shards/{{shard}}.npz",
         log:
             f"{LOGS}/encode_patches_showo/{{shard}}.log",
+        benchmark:
+            f"{LOGS}/encode_patches_showo/{{shard}}.benchmark.tsv"
         priority: CHAIN_PRIORITY
         conda:
             MAIN_ENV
@@ -154,6 +162,8 @@ if not SHAPES:
             SHOWO_TOKENS,
         log:
             f"{LOGS}/tokenize_split_showo.log",
+        benchmark:
+            f"{LOGS}/tokenize_split_showo.benchmark.tsv"
         priority: CHAIN_PRIORITY
         conda:
             MAIN_ENV
