@@ -208,7 +208,21 @@ def run_values(spec: TableSpec, method: str, variant: str, records: Records, pro
             continue
         values[column.key] = lookup(found[0], column.path, relative)
         provenance.add(spec.name, row_label, column.key, values[column.key], relative, found[0], found[1])
-    return values, ""
+    dpg = records.get(f"metrics/dpg/{method}/{variant}/dpg.json") if spec.bench == "dpg" else None
+    return values, dpg_mode_note(dpg[0]) if dpg else ""
+
+
+def dpg_mode_note(record: dict) -> str:
+    """Which DPG-Bench scoring a row shows, the official script's (quirks on) or the corrected one, and the
+    overall score of the other (the evaluator writes both from the same answers)."""
+    quirks = record.get("settings", {}).get("official_quirks")
+    if quirks is None:  # a record that does not say
+        return ""
+    other = record.get("other_mode", {}).get("dpg")
+    shown = "official script's quirks" if quirks else "quirks corrected"
+    if other is None:
+        return shown
+    return f"{shown}; {'corrected' if quirks else 'with the official quirks'}: overall {other:.2f}"
 
 
 def timing_values(spec: TableSpec, method: str, variant: str, records: Records, provenance: Provenance,

@@ -21,7 +21,9 @@ Official scoring, as read in that script:
   (`qid2scores_orig` is copied inside the crop loop before the zeroing pass and returned after it);
 - an image whose name matches no prompt is skipped the same way (here an error without the switch).
 Without the switch, every question is used, category scores pool the zeroed scores of every crop,
-and a dependency on a missing question or an image without questions is an error.
+and a dependency on a missing question or an image without questions is an error. Either way the record also holds
+the other mode's scores (`other_mode`), from the same answers (each image is asked the questions of both modes),
+so a table can be compared with published DPG-Bench numbers, which come from the official script.
 
 VQA backends: `mplug` (modelscope mPLUG-large, the official model; workflow/envs/dpg.yaml), `transformers`
 (a transformers VQA model, e.g. BLIP, from a hub id or local path) and `shapes` (answers from the
@@ -300,40 +302,46 @@ class TransformersVQA:
 
 
 def score_folder(
-    gen_dir: Path, questions: dict[str, list[dict]], vqa, settings: DpgSettings
-) -> tuple[list[dict], list[dict]]:
-    """(per-image results, failures) over the images of `gen_dir` named <item_id>.png/.jpg."""
-    results, failures = [], []
+    gen_dir: Path, modes: dict[bool, dict[str, list[dict]]], vqa, settings: DpgSettings
+) -> dict[bool, tuple[list[dict], list[dict]]]:
+    """Per scoring mode (official quirks off: False, on: True), the (per-image results, failures) over the images
+    of `gen_dir` named <item_id>.png/.jpg; `modes` maps each mode to its questions (`load_questions`). One set of
+    answers serves every mode: each image is asked the questions of the mode that has the most of them (the
+    corrected mode keeps the first CSV row, which the quirks drop). Only the mode of `settings` refuses an image
+    without questions, and only when its quirks are off; otherwise such an image is a failure of that mode."""
+    scored: dict[bool, tuple[list[dict], list[dict]]] = {mode: ([], []) for mode in modes}
     for path in tqdm(list_images(gen_dir), desc="dpg", unit="img", mininterval=2):
         item_id = path.stem
-        rows = questions.get(item_id)
-        if rows is None:
-            if not settings.official_quirks:
-                raise ValueError(f"{path}: no DPG-Bench questions for item {item_id!r}")
-            failures.append({"item_id": item_id, "error": "no questions for this item"})
-            continue
-        texts = [r["question_natural_language"] for r in rows]
+        rows = {mode: questions.get(item_id) for mode, questions in modes.items()}
+        if rows[settings.official_quirks] is None and not settings.official_quirks:
+            raise ValueError(f"{path}: no DPG-Bench questions for item {item_id!r}")
+        asked = max((r for r in rows.values() if r is not None), key=len, default=None)
         crop_answers, crop_texts = [], []
-        for crop in grid_crops(load_rgb(path), settings.resolution, settings.pic_num):
-            answers = vqa.answer(crop, texts)
-            crop_texts.append(answers)
-            crop_answers.append({r["proposition_id"]: a == "yes" for r, a in zip(rows, answers, strict=True)})
-        try:
-            score, crop_scores, per_question = score_image(rows, crop_answers, settings.official_quirks)
-        except MissingParentError as err:  # only with official_quirks (checked at load otherwise)
-            failures.append({"item_id": item_id, "error": str(err)})
-            continue
-        results.append(
-            {
+        if asked is not None:
+            texts = [r["question_natural_language"] for r in asked]
+            for crop in grid_crops(load_rgb(path), settings.resolution, settings.pic_num):
+                answers = vqa.answer(crop, texts)
+                crop_texts.append(answers)
+                crop_answers.append({r["proposition_id"]: a == "yes" for r, a in zip(asked, answers, strict=True)})
+        for mode, mode_rows in rows.items():
+            results, failures = scored[mode]
+            if mode_rows is None:
+                failures.append({"item_id": item_id, "error": "no questions for this item"})
+                continue
+            try:
+                score, crop_scores, per_question = score_image(mode_rows, crop_answers, mode)
+            except MissingParentError as err:  # only with official quirks (checked at load otherwise)
+                failures.append({"item_id": item_id, "error": str(err)})
+                continue
+            results.append({
                 "item_id": item_id,
                 "filename": path.relative_to(gen_dir).as_posix(),
                 "score": score,
                 "crop_scores": crop_scores,
                 "question_scores": per_question,
-                "answers": crop_texts,  # per crop, in question (CSV) order
-            }
-        )
-    return results, failures
+                "answers": crop_texts,  # per crop, in the order of the questions asked (CSV order)
+            })
+    return scored
 
 
 def category_entries(results: list[dict], questions: dict[str, list[dict]]) -> list[tuple[str, str, float]]:
@@ -342,6 +350,12 @@ def category_entries(results: list[dict], questions: dict[str, list[dict]]) -> l
         for row in questions[result["item_id"]]:
             entries.append((*categories(row), result["question_scores"][row["proposition_id"]]))
     return entries
+
+
+def mode_summary(results: list[dict], failures: list[dict], questions: dict[str, list[dict]]) -> dict:
+    """DPG-Bench score, category scores and failed images of one scoring mode."""
+    summary = summarize([r["score"] for r in results], category_entries(results, questions)) if results else {}
+    return {**summary, "failed": failures}
 
 
 def validate_shapes_vqa(truth_dir: str | Path, questions: dict[str, list[dict]], vqa: ShapesVQA) -> dict:
@@ -425,6 +439,12 @@ def run(args: argparse.Namespace) -> dict:
         official_quirks=args.official_quirks, resolution=args.resolution, pic_num=args.pic_num
     )
     questions = load_questions(args.questions, settings.official_quirks)
+    modes = {settings.official_quirks: questions}
+    other = not settings.official_quirks
+    try:
+        modes[other] = load_questions(args.questions, other)
+    except ValueError as err:  # the corrected mode refuses a dependency on a missing question
+        other_error = str(err)
     inputs = {
         "questions_sha256": sha256_file(args.questions),
         "vocabulary_sha256": sha256_file(args.vocabulary)
@@ -444,7 +464,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.gen_dir is None:
         raise SystemExit("give the generated folder GEN_DIR (or --validate-shapes TRUTH_DIR)")
     vqa = load_vqa(args)
-    results, failures = score_folder(args.gen_dir, questions, vqa, settings)
+    scored = score_folder(args.gen_dir, modes, vqa, settings)
+    results, failures = scored[settings.official_quirks]
     out_path = results_path(args)
     if out_path:
         write_bytes_atomic(out_path, "".join(json.dumps(r) + "\n" for r in results).encode())
@@ -453,6 +474,9 @@ def run(args: argparse.Namespace) -> dict:
         "values": {
             **summarize([r["score"] for r in results], category_entries(results, questions)),
             "failed": failures,
+            # the mode not selected, from the same answers: what a table of the other kind would show
+            "other_mode": {"official_quirks": other, **(mode_summary(*scored[other], modes[other]) if other in scored
+                                                        else {"error": other_error})},
             "results_jsonl": str(out_path) if out_path else None,
         },
         "n_images": {"images": len(files), "scored": len(results)},

@@ -277,6 +277,13 @@ def test_cli_scores_grids_of_truth_renders(bench, tmp_path):
     # categories from the last (blank) crop's raw answers: entity questions of shapes0003 count 0
     assert record["dpg_l1"]["entity"] < 100.0
 
+    # one set of answers serves both modes: each record holds the other mode's scores, equal to that mode's own run
+    corrected = json.loads(out.read_text())
+    assert corrected["other_mode"]["official_quirks"] is True and record["other_mode"]["official_quirks"] is False
+    for other, own in ((corrected["other_mode"], record), (record["other_mode"], corrected)):
+        assert other["dpg"] == pytest.approx(own["dpg"]) and other["failed"] == own["failed"]
+        assert other["dpg_l1"] == pytest.approx(own["dpg_l1"]) and other["dpg_l2"] == pytest.approx(own["dpg_l2"])
+
 
 def test_cli_validates_the_shapes_vqa(bench, tmp_path):
     out = tmp_path / "validation.json"

@@ -54,7 +54,8 @@ def run_dir(tmp_path) -> Path:
     write(run, "metrics/geneval/vanilla/default/geneval.json", {"geneval": 0.5, "geneval_per_tag": tags(0.5)})
     write(run, "metrics/geneval/daid/selected/geneval.json", {"geneval": 0.625, "geneval_per_tag": tags(0.625)})
     write(run, "metrics/dpg/vanilla/default/dpg.json",
-          {"dpg": 60.0, "dpg_l1": {k: 60.0 for k in ("global", "entity", "attribute", "relation", "other")}})
+          {"dpg": 60.0, "dpg_l1": {k: 60.0 for k in ("global", "entity", "attribute", "relation", "other")},
+           "settings": {"official_quirks": False}, "other_mode": {"official_quirks": True, "dpg": 57.125}})
     for metric, value in (("fid", 40.0), ("cmmd", 1.5), ("fwd", 3.0)):
         write(run, f"metrics/mjhq/vanilla/default/{metric}.json", {metric: value})
     write(run, "metrics/mjhq/daid/selected/fid.json", {"fid": 30.0})
@@ -144,6 +145,9 @@ def test_shapes_tables_from_records(run_dir, tmp_path):
     assert find(table1, "Transfusion", "paper (not run here)")["counting"] == "-"
     showo = find(table1, "Show-o", "this run (Shapes world)")
     assert showo["note"] == "showo is not among this run's methods"
+    # Table 2 says which DPG-Bench scoring it shows and gives the other's overall (published tables: the quirks)
+    dpg = find(rows_of(out, "table2_dpg"), "Janus-Pro", "this run (Shapes world)")
+    assert float(dpg["overall"]) == 60.0 and dpg["note"] == "quirks corrected; with the official quirks: overall 57.12"
     markdown = (out / "table1_geneval.md").read_text()
     assert SHAPES_NOTE in markdown and "| Janus-Pro |  | this run (Shapes world) | 0.50 |" in markdown
     assert "\\textit{missing}" in (out / "table1_geneval.tex").read_text()
