@@ -362,9 +362,7 @@ def finetune_masked_faid(showo_dir: str | Path, train_dir: str | Path, index_pat
 
     backbone = load_showo(str(showo_dir), device=device, tokenizer_source=text_tokenizer)
     vq = load_showo_tokenizer(showo_dir, backbone.grid_size, tokenizer, tokenizer_revision)
-    records, captions, files = finetune_pairs(train_dir)
-    if images:
-        records, captions, files = records[:images], captions[:images], files[:images]
+    records, captions, files = finetune_pairs(train_dir, images)
     tokens = image_tokens(vq, files, vq_geometry(vq)[0], tokens_file)
     index = load_index_for(vq, index_path)
     check_masked_index(index, backbone.grid_size, backbone.config.codebook_size)

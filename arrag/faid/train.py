@@ -60,8 +60,8 @@ def precompute_retrievals(index_path: str | Path, backbone_source: str, train_di
         raise ValueError(f"shard {shard} is not in 0..{shards - 1}")
     backbone = load_backbone(backbone_source, revision=revision, device=device)
     index = load_index_for(backbone.vq, index_path)
-    records, _, files = finetune_pairs(train_dir)
-    rows = list(range(shard, len(records[:max_images or None]), shards))
+    records, _, files = finetune_pairs(train_dir, max_images)
+    rows = list(range(shard, len(records), shards))
     grid = backbone.grid_size
     tokens = (vq_tokens(backbone, [files[r] for r in rows], tokens_file) if rows
               else torch.zeros(0, grid * grid, dtype=torch.long))
@@ -117,7 +117,7 @@ def finetune_faid(backbone_source: str, train_dir: str | Path, retrieval_files: 
     """Fine-tune FAiD (hops, m of `settings`) on the split's first `max_images` (0: all) and write `out_dir` (see
     the module docstring); returns metrics."""
     backbone = load_backbone(backbone_source, revision=revision, device=device)
-    records, captions, _ = (part[:max_images or None] for part in finetune_pairs(train_dir))
+    records, captions, _ = finetune_pairs(train_dir, max_images)
     data = read_retrievals(retrieval_files)
     expected_ids = sorted(r["id"] for r in records)
     if list(data["ids"]) != expected_ids:

@@ -92,10 +92,10 @@ def vq_tokens(backbone: JanusBackbone, files: list[Path], tokens_file: str | Pat
     return image_tokens(backbone.vq, files, backbone.model.config.vision_config.image_size, tokens_file)
 
 
-def finetune_pairs(train_dir: str | Path) -> tuple[list[dict], list[str], list[Path]]:
+def finetune_pairs(train_dir: str | Path, max_images: int = 0) -> tuple[list[dict], list[str], list[Path]]:
     """A fine-tuning split folder (images/<id>.png + annotations.jsonl with captions) -> (records, captions,
-    image files), in id order."""
-    records = read_annotations(train_dir)
+    image files) of its first `max_images` (0: all), in id order."""
+    records = read_annotations(train_dir)[:max_images or None]
     missing = [r.get("id", "?") for r in records if not r.get("caption")]
     if missing:
         raise ValueError(f"{Path(train_dir) / 'annotations.jsonl'}: records {missing[:5]} have no 'caption'")
