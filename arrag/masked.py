@@ -32,7 +32,7 @@ every window. `centre_tap` composes M (D x D) from the two kernels. Per blender,
 layer 2 * 10,240 D^2 = 86 GMAC, against about 2,900 GMAC for one CFG step of the backbone (2 rows of 1,155 tokens,
 1.26 GMAC per token): about 7 % per blender on the final-half steps. M itself costs 13 D^3 = 112 GMAC, batch
 independent: composed once per generation run, once per forward in training (where it carries gradients;
-`Blender.composed`, the whole 5 x 5 kernel, would cost 2,242 GMAC). The direct computation (two convolutions on each
+composing the whole 5 x 5 kernel by convolution would cost 2,242 GMAC). The direct computation (two convolutions on each
 of the N k windows) costs 110 D^2 per window, 4,724 GMAC per image, more than the backbone step itself, and holds
 N k windows of D x 5 x 5 (2.1 GB per image): fine at Shapes scale, where `tests/test_masked.py` uses it as the
 reference.

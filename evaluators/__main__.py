@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 
 from evaluators.io import write_json_atomic
@@ -34,7 +35,8 @@ def metric_parser(name: str) -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print the record to stdout (default without --out)")
     parser.add_argument("--out", help="write the record to this file (atomically)")
     parser.add_argument("--seed", type=int, help="seed to record (generation seed)")
-    parser.add_argument("--config-hash", help="config hash to record")
+    parser.add_argument("--config-hash", default=os.environ.get("ARRAG_CONFIG_HASH"),
+                        help="config hash to record (default: $ARRAG_CONFIG_HASH, which the workflow sets)")
     parser.add_argument("--generation-record", help="the scored images' generation record (arrag generate): its "
                         "precision, machine, model and commit go into the result record")
     parser.set_defaults(module=module)

@@ -7,6 +7,7 @@ bar on stderr (stdout carries the JSON record).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -93,17 +94,22 @@ def cached_features(
     key: everything the features depend on (metric, content hash of the files, model and weights hash,
     preprocessing); the file name is a hash of it. The stored relative paths must equal `rel_paths`, else the entry is
     recomputed. Returns the features and the cache file (None when `cache_dir` is None: caching off).
+    One process computes an entry while the others that need it wait on its lock file and then read it: metric jobs
+    that start together against the same references (every FID of a run) compute the features once.
     """
     if cache_dir is None:
         return compute(), None
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
     path = Path(cache_dir) / f"{key['metric']}-{digest}.npz"
-    if path.is_file():
-        with np.load(path) as stored:
-            if stored["files"].tolist() == rel_paths:
-                return stored["features"], path
-    features = compute()
-    buffer = io.BytesIO()
-    np.savez(buffer, features=features, files=np.array(rel_paths, dtype=str), key=json.dumps(key))
-    write_bytes_atomic(path, buffer.getvalue())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
+        if path.is_file():
+            with np.load(path) as stored:
+                if stored["files"].tolist() == rel_paths:
+                    return stored["features"], path
+        features = compute()
+        buffer = io.BytesIO()
+        np.savez(buffer, features=features, files=np.array(rel_paths, dtype=str), key=json.dumps(key))
+        write_bytes_atomic(path, buffer.getvalue())
     return features, path

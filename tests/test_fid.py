@@ -7,6 +7,8 @@ sqrtm takes tens of seconds on two cores); the real Inception is checked for bat
 from __future__ import annotations
 
 import json
+import multiprocessing
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from scipy import linalg
 
 from evaluators import fid
 from evaluators.__main__ import main
-from evaluators.features import extract_features
+from evaluators.features import cached_features, extract_features
 from evaluators.io import list_images
 
 CPU = torch.device("cpu")
@@ -142,6 +144,27 @@ def test_folder_against_itself_per_category_and_cache(tmp_path, tiny_inception, 
     again = run_cli(argv, capsys)
     assert again["inputs"]["real_cache"] == str(cache_file) and "per_category" not in again
     assert again["fid"] > 1e-3  # other images: measured 0.15
+
+
+def _features_counting_computations(cache_dir: str, counter: str) -> list:
+    """cached_features of one key whose computation appends to `counter` and takes 0.5 s (a child process)."""
+    def compute() -> np.ndarray:
+        with open(counter, "a") as out:
+            out.write("computed\n")
+        time.sleep(0.5)
+        return np.arange(6, dtype=np.float32).reshape(2, 3)
+
+    features, _ = cached_features(Path(cache_dir), {"metric": "fid", "files": "abc"}, ["a.png", "b.png"], compute)
+    return features.tolist()
+
+
+def test_jobs_that_start_together_compute_the_reference_features_once(tmp_path):
+    """Two processes asking for the same entry at once: one computes it, the other waits and reads it."""
+    counter = tmp_path / "computations.txt"
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        results = pool.starmap(_features_counting_computations, [(str(tmp_path / "cache"), str(counter))] * 2)
+    assert results[0] == results[1] == [[0, 1, 2], [3, 4, 5]]
+    assert counter.read_text() == "computed\n"  # without the lock: twice (both find no entry within the 0.5 s)
 
 
 def test_undecodable_image_is_named(tmp_path, tiny_inception):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from arrag.config import load
+from arrag.config import config_hash, load
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = ["demo", "ci", "config"]
@@ -151,6 +151,7 @@ def test_ci_config_end_to_end_and_reruns_of_what_changed(tmp_path):
         assert fid["n_images"]["gen"] == 16
     vq = json.loads((run / "models" / "vq" / "metrics.json").read_text())
     assert vq["precision"] in ("fp32", "bf16") and fid["precision"] in ("fp32", "bf16")
+    assert fid["config_hash"] == config_hash(load(config))  # provenance, though no rule's param
     table3 = (run / "tables" / "table3_mjhq.md").read_text()
     assert "Show-o" in table3
     again = snakemake(*args, repo=repo)
@@ -167,14 +168,31 @@ def test_ci_config_end_to_end_and_reruns_of_what_changed(tmp_path):
     assert all(p.endswith("/fwd.json") or p.startswith("tables/") for p in changed), sorted(changed)
     assert {p for p in before if p.endswith("/fwd.json")} <= changed
 
-    # a sampling setting: every generated image and every record downstream is new; models and index are not
-    config.write_text(config.read_text().replace("sampling: {cfg_weight: 3.0,", "sampling: {cfg_weight: 2.0,"))
-    images = {p: (run / p).read_bytes() for p in after if p.startswith("generated/") and p.endswith(".png")
-              and "/showo" not in p}  # Show-o's guidance is its own setting
+    # Janus's sampling setting: a dry run plans every Janus generation and the records downstream, nothing else
+    janus_config = tmp_path / "janus.yaml"
+    janus_config.write_text(config.read_text().replace("sampling: {cfg_weight: 3.0,", "sampling: {cfg_weight: 2.0,"))
+    janus = job_counts(snakemake("-n", "--cores", "2", "--configfile", str(janus_config), "--directory", str(tmp_path),
+                                 repo=repo).stdout)
+    ci = load(config)
+    shards, n_janus = ci["sampling"]["shards"], len(ci["methods"])
+    n_cells = (len(ci["daid"]["grid"]["lam"]) * len(ci["daid"]["grid"]["tau"])
+               + len(ci["faid"]["grid"]["hops"]) * len(ci["faid"]["grid"]["m"]))  # ablation cells (DAiD, FAiD)
+    expected = {"generate": n_janus * (shards["geneval"] + shards["dpg"] + shards["mjhq"])
+                + n_cells * shards["mjhq_ablation"],
+                "gather_generation": 3 * n_janus + n_cells,
+                "image_metric": 3 * n_janus + n_cells,  # FID / CMMD / FWD of each main row, FID of each cell
+                "geneval_score": n_janus, "dpg_score": n_janus, "select": 2, "tables": 1, "all": 1}
+    assert janus == {**expected, "total": sum(expected.values())}
+
+    # Show-o's sampling setting, run: its images and the records downstream are new, nothing else is touched
+    config.write_text(config.read_text().replace("sampling: {guidance_scale: 2.0,", "sampling: {guidance_scale: 1.5,"))
+    images = {p: (run / p).read_bytes() for p in after if p.startswith("generated/") and "/showo" in p
+              and p.endswith(".png")}
+    assert images
     snakemake(*args, repo=repo)
     rerun = outputs(run)
     changed = {p for p in after if rerun.get(p) != after[p]}
-    assert set(images) <= changed  # every image written again (rewritten files get a new modification time)
+    showo = {p for p in after if p.startswith(("generated/", "metrics/")) and "/showo" in p}
+    assert showo <= changed, sorted(showo - changed)
+    assert changed <= showo | {p for p in after if p.startswith("tables/")}, sorted(changed - showo)
     assert any((run / p).read_bytes() != images[p] for p in images)
-    assert {p for p in after if p.startswith(("metrics/", "selection/")) and "/showo" not in p} <= changed
-    assert not {p for p in changed if p.startswith(("models/", "index/", "shapes/", "benchmarks/", "checks/"))}

@@ -18,13 +18,14 @@ Fast path. The two convolutions have no nonlinearity between them, so r_ik is af
     r_ik = A_i + M e_ik,   A_i = sum_{causal offsets d} K[d] x_{i+d} + c,   M = K[centre]
 
 with K the composed kernel [D, D, 2H+1, 2H+1] of all levels (H the largest level; conv2 (x) conv1 is one
-convolution whose kernel is W1 convolved with W2, computed by `conv2d`), "causal" the window cells before the
-centre in raster order (the official code zeroes the others), and c the biases pushed through. The context
-term A_i is computed once per target and shared by the k patches: under teacher forcing it is one masked
-convolution over the whole grid; at a decode step a single [B, T*D] x [T*D, D] product. `direct_*` keep the
-official per-patch convolutions for tests and reference; the fast path equals them to float tolerance.
+convolution whose kernel is W1 convolved with W2), "causal" the T window cells before the centre in raster order
+(the official code zeroes the others), and c the biases pushed through. Only the T causal taps and the centre of K
+are ever used, and `taps()` composes only those. The context term A_i is computed once per target and shared by
+the k patches: one [T*D] x [T*D, D] product of the target's causal neighbours, for every cell of the grid at once
+under teacher forcing and for one cell at a decode step. `direct_*` keep the official per-patch convolutions for
+tests and reference; the fast path equals them to float tolerance.
 
-After training, `freeze()` caches K (and, for the first blender, `token_table` caches M e and W_a M e for
+After training, `freeze()` caches the taps (and, for the first blender, `token_table` caches M e and W_a M e for
 every codebook token), so inference pays only the context product and the k-row score MLP.
 """
 
@@ -93,46 +94,46 @@ class Blender(nn.Module):
         return torch.softmax(self.hop_logits, dim=0)
 
     # ------------------------------------------------------------------------------------------ composition
-    def composed(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K [D, D, 2H+1, 2H+1], c [D]): the level-weighted kernel and bias of conv2 (x) conv1."""
+    def taps(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(M [D, D], context matrix [T * D, D], c [D]) of the level-weighted composed kernel K = conv2 (x) conv1:
+        M = K[centre]; row block t of the context matrix is K[offsets[t]] transposed; c the biases pushed through.
+
+        Only these T + 1 of K's (2H+1)^2 taps are ever used. A tap (dr, dc) of level h is
+        K_h[h + dr, h + dc] = sum_{p, q} W2[:, :, p, q] W1[:, :, h + dr - p, h + dc - q] over the kernel positions
+        that meet, one matrix product per tap: 45 D x D x D products for hops '2' against the 225 of convolving the
+        whole kernels (the convolution also multiplies the zero padding)."""
         if self._frozen is not None and not self.training:
-            return self._frozen["kernel"], self._frozen["bias"]
-        size = 2 * self.reach + 1
+            return self._frozen["centre"], self._frozen["context"], self._frozen["bias"]
         weights = self.level_weights()
-        kernel, bias = 0.0, 0.0
-        for j, h in enumerate(self.levels):
-            w1, b1 = self.first[j].weight, self.first[j].bias  # [D, D, h+1, h+1]
-            w2, b2 = self.second[j].weight, self.second[j].bias
-            # K[o, i, u, v] = sum_{j, p, q} W2[o, j, p, q] W1[j, i, u - p, v - q]: W1 (channels j) convolved with W2
-            level = F.conv2d(w1.transpose(0, 1), w2.flip(2, 3), padding=h).transpose(0, 1)  # [D, D, 2h+1, 2h+1]
-            pad = self.reach - h
-            kernel = kernel + weights[j] * F.pad(level, (pad, pad, pad, pad))
+
+        def tap(dr: int, dc: int) -> torch.Tensor:
+            total = 0.0
+            for j, h in enumerate(self.levels):
+                u, v = h + dr, h + dc
+                if not (0 <= u <= 2 * h and 0 <= v <= 2 * h):
+                    continue  # outside this level's window
+                pairs = [(p, q) for p in range(max(0, u - h), min(h, u) + 1)
+                         for q in range(max(0, v - h), min(h, v) + 1)]
+                second = torch.cat([self.second[j].weight[:, :, p, q] for p, q in pairs], dim=1)  # [D, n D]
+                first = torch.cat([self.first[j].weight[:, :, u - p, v - q] for p, q in pairs], dim=0)  # [n D, D]
+                total = total + weights[j] * (second @ first)
+            return total
+
+        bias = 0.0
+        for j in range(len(self.levels)):
+            w2, b1, b2 = self.second[j].weight, self.first[j].bias, self.second[j].bias
             bias = bias + weights[j] * (w2.sum((2, 3)) @ b1 + b2)
-        assert kernel.shape[-1] == size
-        return kernel, bias
-
-    def causal_kernel(self, kernel: torch.Tensor) -> torch.Tensor:
-        """K with the centre and the cells after it (raster order) zeroed: the context part."""
-        size = kernel.shape[-1]
-        mask = torch.zeros(size, size, dtype=kernel.dtype, device=kernel.device)
-        for dr, dc in self.offsets:
-            mask[self.reach + dr, self.reach + dc] = 1.0
-        return kernel * mask
-
-    def context_matrix(self, kernel: torch.Tensor) -> torch.Tensor:
-        """The causal taps of K stacked as [T * D, D] (row block t: K[offsets[t]] transposed)."""
-        taps = [kernel[:, :, self.reach + dr, self.reach + dc].T for dr, dc in self.offsets]
-        return torch.cat(taps, dim=0)
+        context = torch.cat([tap(dr, dc).T for dr, dc in self.offsets], dim=0)
+        return tap(0, 0), context, bias
 
     @torch.no_grad()
     def freeze(self) -> None:
-        """Cache the composed kernel for inference (call after loading weights; `train()` drops the cache)."""
+        """Cache the composed taps for inference (call after loading weights; `train()` drops the cache)."""
         was_training = self.training
         self.train(False)
         self._frozen = None
-        kernel, bias = self.composed()
-        self._frozen = {"kernel": kernel, "bias": bias, "centre": kernel[:, :, self.reach, self.reach].clone(),
-                        "context": self.context_matrix(kernel)}
+        centre, context, bias = self.taps()
+        self._frozen = {"centre": centre, "context": context, "bias": bias}
         self.train(was_training)
 
     def train(self, mode: bool = True):
@@ -146,11 +147,13 @@ class Blender(nn.Module):
         [B, N, K, D] (raw: embedded retrievals or the previous blender's carry) -> (residual [B, N, D] for the
         positions predicting tokens 0..N-1, carry [B, N, K, D]). Row i depends on states j < i only."""
         batch, n, dim = states.shape
-        kernel, bias = self.composed()
+        centre, matrix, bias = self.taps()
+        size = 2 * self.reach + 1
         grid = states.transpose(1, 2).reshape(batch, dim, self.grid, self.grid)
-        context = F.conv2d(grid, self.causal_kernel(kernel), padding=self.reach)  # [B, D, g, g]
-        context = context.flatten(2).transpose(1, 2) + bias  # [B, N, D]
-        centre = kernel[:, :, self.reach, self.reach]  # [D, D]
+        windows = F.unfold(grid, size, padding=self.reach).view(batch, dim, size * size, n)  # [B, D, S^2, N]
+        causal = [(self.reach + dr) * size + self.reach + dc for dr, dc in self.offsets]
+        gathered = windows[:, :, causal].permute(0, 3, 2, 1).reshape(batch, n, -1)  # [B, N, T * D], as step_context
+        context = gathered @ matrix + bias  # [B, N, D]
         refined = context.unsqueeze(2) + self.norm(patches) @ centre.T  # [B, N, K, D]
         return self._blend(refined)
 
@@ -160,11 +163,7 @@ class Blender(nn.Module):
 
     def step_context(self, states: torch.Tensor, step: int) -> torch.Tensor:
         """Decode step: the context term A [B, D] of target cell `step` from states [B, t >= step, D]."""
-        if self._frozen is not None and not self.training:
-            matrix, bias = self._frozen["context"], self._frozen["bias"]
-        else:
-            kernel, bias = self.composed()
-            matrix = self.context_matrix(kernel)
+        _, matrix, bias = self.taps()
         if states.shape[1] == 0:  # step 0: no cell generated yet
             return bias.expand(states.shape[0], -1)
         cells, inside = self._taps(step, states.device)
@@ -189,8 +188,7 @@ class Blender(nn.Module):
     def step(self, states: torch.Tensor, patches: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode step for target cell `step`: states [B, t, D], patches [B, K, D] -> (residual [B, D],
         carry [B, K, D])."""
-        centre = self._frozen["centre"] if self._frozen is not None and not self.training else \
-            self.composed()[0][:, :, self.reach, self.reach]
+        centre = self.taps()[0]
         refined = self.step_context(states, step).unsqueeze(1) + self.norm(patches) @ centre.T
         return self._blend(refined)
 

@@ -20,10 +20,15 @@ except ConfigError as err:
 # Every rule's command starts with OMP_NUM_THREADS={threads}: a job's numerical libraries use the cores
 # Snakemake gave it, never more (two torch jobs with two threads each on two cores slow each other down
 # many times over).
+# Every result record names the config it was made under (provenance, like its git commit): the evaluators read
+# ARRAG_CONFIG_HASH. It is no rule's param, so that a rule reruns when something it depends on changes (its params,
+# inputs and code), not on any edit of the config.
 shell.prefix(
     "set -euo pipefail; export PYTHONPATH="
     + shlex.quote(workflow.basedir)
-    + "${{PYTHONPATH:+:$PYTHONPATH}}; "
+    + "${{PYTHONPATH:+:$PYTHONPATH}}; export ARRAG_CONFIG_HASH="
+    + config_hash(config)
+    + "; "
 )
 MAIN_ENV = "../envs/main.yaml"  # relative to the rule files
 GENEVAL_ENV = (
@@ -50,7 +55,6 @@ SHOWO_INDEX = f"{R}/index_showo/index.tokens"
 SHOWO_INDEX_SIDECARS = [f"{SHOWO_INDEX}.json", f"{SHOWO_INDEX}.values.npz"]
 LOGS = f"logs/{RUN}"
 SHAPES = config["scale"] == "shapes"
-CONFIG_HASH = config_hash(config)
 BENCHMARKS = ["geneval", "dpg", "mjhq"]
 INDEX_SHARDS = list(range(config["index"]["shards"]))
 # Threads of a generation or metric job. In the Shapes world such a job spends most of its time in single-threaded
@@ -254,24 +258,42 @@ def index_sidecars(wildcards):
     )
 
 
+def sampling_arguments(wildcards):
+    """`arrag generate`'s sampling options of the job's backbone and method (Janus: CFG, top-k / top-p; Show-o:
+    guidance and decoding steps). A function of the wildcards only, never of the input: Snakemake compares a param
+    derived from the input by the input files alone, so a setting placed there would not rerun the job when it
+    changes. Each backbone gets only its own settings, so a change of one reruns that backbone's generations.
+    """
+    if wildcards.method.startswith("showo"):
+        sampling = config["showo"]["sampling"]
+        return [
+            "--guidance-scale",
+            str(sampling["guidance_scale"]),
+            "--maskgit-steps",
+            str(sampling["steps"]),
+        ]
+    sampling = config["sampling"]
+    arguments = [
+        "--cfg-weight",
+        str(sampling["cfg_weight"]),
+        "--top-k",
+        str(sampling["top_k"] or 0),
+        "--top-p",
+        str(sampling["top_p"] or 1.0),
+    ]
+    if wildcards.method == "faid" and config["faid"]["blend_unconditional"]:
+        arguments.append("--blend-unconditional")
+    return arguments
+
+
 def method_arguments(wildcards, input):
-    """`arrag generate` arguments for a method's inputs (a list; lists of files follow their option)."""
+    """`arrag generate` arguments for a method's input files (a list; lists of files follow their option)."""
     arguments = []
     for key in method_inputs(wildcards):
         files = input[key]
         arguments += [
             f"--{key.replace('_', '-')}",
             *([files] if isinstance(files, str) else files),
-        ]
-    if wildcards.method == "faid" and config["faid"]["blend_unconditional"]:
-        arguments.append("--blend-unconditional")
-    if wildcards.method.startswith("showo"):
-        sampling = config["showo"]["sampling"]
-        arguments += [
-            "--guidance-scale",
-            str(sampling["guidance_scale"]),
-            "--maskgit-steps",
-            str(sampling["steps"]),
         ]
     return arguments
 

@@ -45,10 +45,9 @@ rule image_metric:
             else ["--no-per-category"]
         ),
         seed=config["seed"],
-        config_hash=CONFIG_HASH,
     shell:
         "OMP_NUM_THREADS={threads} python -m evaluators {wildcards.metric} {params.real:q} {params.images:q} --out {output:q}"
-        " {params.clip:q} {params.fwd:q} {params.per_category:q} --seed {params.seed} --config-hash {params.config_hash} --generation-record {input.record:q} > {log:q} 2>&1"
+        " {params.clip:q} {params.fwd:q} {params.per_category:q} --seed {params.seed} --generation-record {input.record:q} > {log:q} 2>&1"
 
 
 rule geneval_score:
@@ -78,10 +77,9 @@ rule geneval_score:
         images=generated_images,
         backend=geneval_backend_args(),
         seed=config["seed"],
-        config_hash=CONFIG_HASH,
     shell:
         "OMP_NUM_THREADS={threads} python -m evaluators geneval {params.images:q} {params.backend:q}"
-        " --out {output:q} --seed {params.seed} --config-hash {params.config_hash} --generation-record {input.record:q} > {log:q} 2>&1"
+        " --out {output:q} --seed {params.seed} --generation-record {input.record:q} > {log:q} 2>&1"
 
 
 rule dpg_score:
@@ -107,11 +105,10 @@ rule dpg_score:
         questions=benchmark_path("dpg_questions"),
         backend=dpg_backend_args(),
         seed=config["seed"],
-        config_hash=CONFIG_HASH,
     shell:
         "OMP_NUM_THREADS={threads} python -m evaluators dpg {params.images:q} --questions {params.questions:q} {params.backend:q}"
         " --out {output:q} --seed {params.seed}"
-        " --config-hash {params.config_hash} --generation-record {input.record:q} > {log:q} 2>&1"
+        " --generation-record {input.record:q} > {log:q} 2>&1"
 
 
 rule select:

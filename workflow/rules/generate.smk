@@ -26,11 +26,9 @@ rule generate:
         images=lambda wc: f"{R}/generated/{wc.bench}/{wc.method}/{wc.variant}/images",
         shards=lambda wc: config["sampling"]["shards"][wc.bench],
         seed=config["seed"],
-        cfg=config["sampling"]["cfg_weight"],
+        sampling=sampling_arguments,
         temperature=config["sampling"]["temperature"],
         micro_batch=config["sampling"]["micro_batch"],
-        top_k=config["sampling"]["top_k"] or 0,
-        top_p=config["sampling"]["top_p"] or 1.0,
         device=config["device"],
         revision=lambda wc: (
             ""
@@ -46,7 +44,7 @@ rule generate:
         "OMP_NUM_THREADS={threads} python -m arrag.cli generate --benchmark {wildcards.bench} --prompts {params.prompts:q} --method {wildcards.method}"
         " --variant {wildcards.variant} --backbone {input.backbone:q} --shard {wildcards.shard}"
         " --revision={params.revision:q} --device {params.device} --shards {params.shards} --seed {params.seed}"
-        " --cfg-weight {params.cfg} --temperature {params.temperature} --top-k {params.top_k} --top-p {params.top_p}"
+        " {params.sampling:q} --temperature {params.temperature}"
         " --micro-batch {params.micro_batch} --samples-per-prompt {params.samples} --ablation-subset {params.subset}"
         " {params.method:q} --daid-k {params.daid_k} --daid-retrieval {params.daid_retrieval} --images {params.images:q} --record {output:q} --precision {params.precision} > {log:q} 2>&1"
 

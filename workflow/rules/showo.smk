@@ -11,7 +11,9 @@ if SHAPES:
 
     rule train_shapes_showo:
         """A Show-o transformer (Phi, omni-attention, MaskGIT) over the Shapes VQ's tokens, with Show-o's masked-token
-        objective; its folder holds a copy of the VQ."""
+        objective; its folder holds a copy of the VQ. Its sample grid decodes with the CLI's default settings, not
+        `showo.sampling` (a change of the generation settings must not retrain the backbone).
+        """
         input:
             images=f"{R}/shapes/train",
             heldout=f"{R}/shapes/heldout",
@@ -32,13 +34,11 @@ if SHAPES:
             precision=config["precision"],
             checkpoint=f"{R}/checkpoints/showo.pt",
             train=finetune_arguments(SHOWO["train"]),
-            guidance=SHOWO["sampling"]["guidance_scale"],
-            steps=SHOWO["sampling"]["steps"],
             seed=config["seed"],
         shell:
             "OMP_NUM_THREADS={threads} python -m arrag.cli train-showo --images {input.images:q} --heldout {input.heldout:q}"
             " --vq {input.vq:q} --tokens {input.tokens:q} --out {output:q} --checkpoint {params.checkpoint:q} {params.train:q}"
-            " --guidance-scale {params.guidance} --maskgit-steps {params.steps} --seed {params.seed} --precision {params.precision} > {log:q} 2>&1"
+            " --seed {params.seed} --precision {params.precision} > {log:q} 2>&1"
 
 
 rule showo_index:
