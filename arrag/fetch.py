@@ -93,6 +93,7 @@ class DatasetSpec:
     holdout: float = 0.0  # fraction kept out of the database (fine-tuning images come from it)
     image_column: str = "image"
     id_column: str = "id"
+    caption_field: str = ""  # where a fine-tuning pair's caption is (arrag.patchdb.sources.ImageSource)
     key: str = ""
 
     @classmethod
@@ -444,7 +445,8 @@ def fetch_datasets(specs: list[DatasetSpec], role: str, out: str | Path, cache: 
             manifest.add(spec.name, spec.repo, commit, linked, known)
             sources.append({"name": spec.repo or spec.name, "path": spec.name, "format": spec.format,
                             "revision": commit or "", "image_column": spec.image_column,
-                            "id_column": spec.id_column, "holdout": spec.holdout,
+                            "id_column": spec.id_column, "caption_field": spec.caption_field,
+                            "holdout": spec.holdout,
                             "images": round(spec.images(role) * subsample)})
         write_json_atomic(staging / "sources.json", sources)
         manifest.write(staging / "manifest.json")

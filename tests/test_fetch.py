@@ -295,13 +295,14 @@ def test_datasets_are_subsampled_by_whole_files_with_sources_for_the_patch_datab
         {"name": "datacomp", "path": str(local), "format": "webdataset", "patterns": ["*.tar"],
          "database_images": 4_600_000},
         {"name": "midjourney_v6", "repo": "brivangl/midjourney-v6-llava", "revision": COMMIT, "format": "parquet",
-         "patterns": ["*.parquet"], "finetune_images": 25_000},
+         "patterns": ["*.parquet"], "finetune_images": 25_000, "caption_field": "llava"},
     ]
     specs = [DatasetSpec.from_config(e, f"resources.datasets[{i}]") for i, e in enumerate(entries)]
     sources = fetch_datasets(specs, "database", tmp_path / "database", tmp_path / "cache", subsample=0.25, seed=3)
     assert [s["name"] for s in sources] == ["pixparse/cc12m-wds", "datacomp"]
     assert sources[0] == {"name": "pixparse/cc12m-wds", "path": "cc12m", "format": "webdataset", "revision": COMMIT,
-                          "image_column": "image", "id_column": "id", "holdout": 0.1, "images": 1_425_000}
+                          "image_column": "image", "id_column": "id", "caption_field": "", "holdout": 0.1,
+                          "images": 1_425_000}
     fetched = sorted(p.name for p in (tmp_path / "database" / "cc12m").iterdir())
     assert fetched == choose_files(sorted(shards), 0.25, 3, "cc12m") and len(fetched) == 3  # ceil(0.25 * 10)
     assert len(list((tmp_path / "database" / "datacomp").iterdir())) == 1
@@ -311,6 +312,7 @@ def test_datasets_are_subsampled_by_whole_files_with_sources_for_the_patch_datab
     finetune = fetch_datasets(specs, "finetune", tmp_path / "finetune", tmp_path / "cache", subsample=0.25, seed=3)
     assert [(s["name"], s["images"]) for s in finetune] == [("pixparse/cc12m-wds", 6250),
                                                              ("brivangl/midjourney-v6-llava", 6250)]
+    assert finetune[1]["caption_field"] == "llava"  # the split (arrag finetune-split) takes its captions there
     assert hub.downloads.count(fetched[0]) == 1  # both roles share the cache
 
 

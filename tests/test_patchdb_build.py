@@ -171,16 +171,21 @@ def test_official_nprobe_probes_exactly_one_list(tmp_path, vq_dir, database):
     assert PatchIndex.load(tmp_path / "tokens" / "index").nprobe == 1
 
 
-def test_exclusions_by_id_and_hash_and_holdout(tmp_path, vq_dir, database):
+def test_exclusions_by_source_and_id_and_by_hash_and_holdout(tmp_path, vq_dir, database):
     benchmark = tmp_path / "benchmark"
     benchmark.mkdir()
-    (benchmark / "database-000.png").write_bytes(png(1000))  # same id, other bytes
+    (benchmark / "database-000.png").write_bytes(png(1000))  # another source's image under a database id: kept
     (benchmark / "mjhq-1.png").write_bytes((database / "images" / "database-005.png").read_bytes())  # same bytes
-    exclusions = write_exclusions(tmp_path / "exclusions.json", [benchmark])
+    finetune = tmp_path / "finetune"  # a fine-tuning split naming a database image by (source, id)
+    finetune.mkdir()
+    name = read_sources(database)[0].name
+    (finetune / "annotations.jsonl").write_text(json.dumps(
+        {"id": "finetune-000000", "caption": "x", "source": name, "source_id": "database-007", "sha256": "0" * 64}))
+    exclusions = write_exclusions(tmp_path / "exclusions.json", [benchmark, finetune])
     assert Exclusions.read(tmp_path / "exclusions.json") == exclusions
     meta = encode_shard(load_vq(vq_dir), read_sources(database), 0, 1, KeySpec(), exclusions, tmp_path / "s.npz")
     ids = set(read_shard(tmp_path / "s.npz")["image_ids"].tolist())
-    assert meta["sources"][0]["excluded_id"] == 1 and "database-000" not in ids
+    assert meta["sources"][0]["excluded_id"] == 1 and "database-007" not in ids and "database-000" in ids
     # database-005 and the other copies of its pixels (i % 9 == 5) share its bytes: all excluded by hash
     assert meta["sources"][0]["excluded_hash"] == 3 and not ids & {"database-005", "database-014", "database-023"}
     source = ImageSource("held", str(database), holdout=0.5)

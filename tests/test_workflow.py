@@ -77,6 +77,7 @@ def test_dry_run_of_the_whole_pipeline(name, ci_dry_run_seconds):
     else:
         fetches = [f"fetch_{name}" for name in config["resources"]["benchmarks"]] + ["fetch_backbone"]
         assert all(counts[rule] == 1 for rule in fetches) and counts["fetch_datasets"] == 2
+        assert counts["finetune_split"] == 1  # the fine-tuning pairs, built from the fetched datasets
         assert "shapes_split" not in counts
     # Building the DAG costs little per job. The paper config's 2,313 jobs took 2.6x the CPU of the CI config's 101
     # on an Intel Xeon (3.9 s against 1.5 s) and 4.2x on an AMD EPYC (14.8 s against 3.5 s); a profile there puts

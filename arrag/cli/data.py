@@ -26,6 +26,13 @@ def cmd_shapes_benchmarks(args: argparse.Namespace) -> None:
     write_benchmarks(args.out, config, sizes, args.heldout, read_annotations(args.heldout))
 
 
+def cmd_finetune_split(args: argparse.Namespace) -> None:
+    from arrag.finetune_data import build_finetune_split
+
+    summary = build_finetune_split(args.sources, args.out, args.image_size)
+    print(json.dumps(summary))
+
+
 def cmd_fetch(args: argparse.Namespace) -> int:
     from arrag import fetch
 
@@ -100,9 +107,18 @@ def _add_fetch(parser: argparse.ArgumentParser) -> None:
 
 
 
+def _add_finetune_split(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sources", required=True, type=Path,
+                        help="fetched fine-tuning datasets (a folder with sources.json: arrag fetch datasets)")
+    parser.add_argument("--out", required=True, type=Path, help="split folder to write (images/, annotations.jsonl)")
+    parser.add_argument("--image-size", required=True, type=int, help="side of the square images (the backbone's)")
+
+
 COMMANDS = {
     "shapes-world": (cmd_shapes_world, "render one split of the Shapes world", _add_shapes_world),
     "shapes-benchmarks": (cmd_shapes_benchmarks, "write GenEval / DPG-Bench / MJHQ files of the Shapes world",
                           _add_shapes_benchmarks),
     "fetch": (cmd_fetch, "download pinned datasets, models and benchmark files into resources/", _add_fetch),
+    "finetune-split": (cmd_finetune_split, "the paper-scale fine-tuning split (image-caption pairs) from the fetched "
+                       "fine-tuning datasets", _add_finetune_split),
 }

@@ -15,7 +15,8 @@ def cmd_exclusion_list(args: argparse.Namespace) -> None:
     from arrag.patchdb.sources import write_exclusions
 
     exclusions = write_exclusions(args.out, args.folders)
-    print(f"{len(exclusions.ids)} ids and {len(exclusions.sha256)} image hashes excluded from the patch database")
+    print(f"{len(exclusions.keys)} (source, id) keys and {len(exclusions.sha256)} image hashes excluded from the "
+          "patch database")
 
 
 def cmd_encode_patches(args: argparse.Namespace) -> None:
@@ -117,7 +118,8 @@ def _add_key_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_exclusion_list(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, type=Path, help="exclusion list (JSON: ids and sha256) to write")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="exclusion list (JSON: (source, id) keys and sha256) to write")
     parser.add_argument("folders", nargs="+", type=Path, help="image folders to exclude (benchmarks, fine-tuning)")
 
 
@@ -201,7 +203,7 @@ def _add_build_clip_index(parser: argparse.ArgumentParser) -> None:
 
 
 COMMANDS = {
-    "exclusion-list": (cmd_exclusion_list, "ids and image hashes kept out of the patch database (leakage)",
+    "exclusion-list": (cmd_exclusion_list, "images kept out of the patch database (leakage), by key and hash",
                        _add_exclusion_list),
     "encode-patches": (cmd_encode_patches, "encode one shard of database images into patch keys and values",
                        _add_encode_patches),

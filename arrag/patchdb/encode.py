@@ -103,7 +103,7 @@ def shard_images(sources: list[ImageSource], shard: int, shards: int, exclusions
             if not by_file and position % shards != shard:
                 continue
             count["read"] += 1
-            reason = exclusions.reason(image_id, data)
+            reason = exclusions.reason(source.name, image_id, data)
             if reason is not None:
                 count[f"excluded_{reason}"] += 1
             elif held_out(source.name, image_id, source.holdout):

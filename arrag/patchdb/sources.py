@@ -1,20 +1,22 @@
 """Image sources of the patch database and the leakage guards applied to them.
 
-A source yields (image id, encoded image bytes) in a fixed order, from a local copy of a dataset:
+A source yields (image id, encoded image bytes, caption) in a fixed order, from a local copy of a dataset:
 
 Sources are listed in ``<folder>/sources.json`` (written by `arrag fetch`: a list of `ImageSource` fields,
 paths relative to the folder); a folder without one is a single ``folder`` source (a Shapes split).
 
-* ``folder``: a Shapes-world split (``images/<id>.png``) or any folder of png/jpg files (id = file stem).
-* ``parquet``: Hugging Face parquet shards (``**/*.parquet``, sorted), as LLaVA-ReCap-CC12M is published: an
-  id column and an image column holding either the `datasets` Image struct ``{bytes, path}`` or raw bytes.
-* ``webdataset``: tar shards (``**/*.tar``, sorted) as DataComp and JourneyDB-style dumps are published:
-  members ``<key>.<ext>`` grouped by key; the image is the first jpg/jpeg/png/webp member, the id the key
-  (or the `id_column` field of a ``<key>.json`` member when there is one).
+* ``folder``: a Shapes-world split (``images/<id>.png``) or any folder of png/jpg files (id = file stem); no captions.
+* ``parquet``: Hugging Face parquet shards (``**/*.parquet``, sorted), as Midjourney-v6-llava is published: an
+  id column, an image column holding either the `datasets` Image struct ``{bytes, path}`` or raw bytes, and the
+  caption column `caption_field` (Midjourney-v6-llava: ``llava``, the official fine-tuning set's caption).
+* ``webdataset``: tar shards (``**/*.tar``, and gzipped ``*.tgz`` / ``*.tar.gz`` as JourneyDB publishes its
+  images; sorted) as img2dataset writes CC12M and DataComp: members ``<key>.<ext>`` grouped by key; the image is
+  the first jpg/jpeg/png/webp member, the id the key (or the `id_column` field of a ``<key>.json`` member when
+  there is one), the caption the ``<key>.<caption_field>`` member (img2dataset: ``txt``) or that field of the json.
 
 The files are fetched at a pinned revision by the data-acquisition step; `revision` is recorded in the
 index fingerprint. Leakage guards (paper §4): an `Exclusions` list removes benchmark and fine-tuning images
-by id and by sha256 of their bytes, and `holdout` keeps a fixed fraction of a source out of the database
+by (source, id) and by sha256 of their bytes, and `holdout` keeps a fixed fraction of a source out of the database
 (the official code holds out 10% of CC12M); `held_out(name, id, fraction)` is the same test the fine-tuning
 split uses to pick its images, so no training image retrieves its own patches.
 """
@@ -45,6 +47,7 @@ class ImageSource:
     id_column: str = "id"
     holdout: float = 0.0  # fraction of images kept out of the database by `held_out`
     images: int = 0  # images used (the paper's sample size); 0: all. Each shard keeps the first of its share.
+    caption_field: str = ""  # webdataset: member extension or json field; parquet: column ("" : no captions)
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -57,21 +60,27 @@ class ImageSource:
         root = Path(self.path)
         if self.format == "folder":
             return list_images(root / "images" if (root / "images").is_dir() else root)
-        pattern = "*.parquet" if self.format == "parquet" else "*.tar"
-        files = sorted(root.rglob(pattern), key=lambda p: p.relative_to(root).as_posix())
+        patterns = ("*.parquet",) if self.format == "parquet" else ("*.tar", "*.tgz", "*.tar.gz")
+        files = sorted({p for pattern in patterns for p in root.rglob(pattern)},
+                       key=lambda p: p.relative_to(root).as_posix())
         if not files:
-            raise FileNotFoundError(f"source {self.name!r}: no {pattern} files under {root}")
+            raise FileNotFoundError(f"source {self.name!r}: no {' / '.join(patterns)} files under {root}")
         return files
+
+    def records(self, files: list[Path] | None = None) -> Iterator[tuple[str, bytes, str | None]]:
+        """(image id, image bytes, caption or None) of the given files (default: all), in order."""
+        for path in self.files() if files is None else files:
+            if self.format == "folder":
+                yield path.stem, path.read_bytes(), None
+            elif self.format == "parquet":
+                yield from read_parquet(path, self.image_column, self.id_column, self.caption_field)
+            else:
+                yield from read_webdataset(path, self.id_column, self.caption_field)
 
     def read(self, files: list[Path] | None = None) -> Iterator[tuple[str, bytes]]:
         """(image id, image bytes) of the given files (default: all), in order."""
-        for path in self.files() if files is None else files:
-            if self.format == "folder":
-                yield path.stem, path.read_bytes()
-            elif self.format == "parquet":
-                yield from read_parquet(path, self.image_column, self.id_column)
-            else:
-                yield from read_webdataset(path, self.id_column)
+        for image_id, data, _ in self.records(files):
+            yield image_id, data
 
 
 def read_sources(folder: str | Path) -> list[ImageSource]:
@@ -83,30 +92,40 @@ def read_sources(folder: str | Path) -> list[ImageSource]:
     return [ImageSource(**{**entry, "path": str(folder / entry["path"])}) for entry in json.loads(listing.read_text())]
 
 
-def read_parquet(path: Path, image_column: str, id_column: str) -> Iterator[tuple[str, bytes]]:
+def read_parquet(path: Path, image_column: str, id_column: str, caption_column: str = ""
+                 ) -> Iterator[tuple[str, bytes, str | None]]:
     import pyarrow.parquet as pq
 
     table = pq.ParquetFile(path)
-    for batch in table.iter_batches(columns=[id_column, image_column], batch_size=256):
-        for image_id, image in zip(batch.column(id_column).to_pylist(), batch.column(image_column).to_pylist(),
-                                   strict=True):
+    columns = [id_column, image_column] + ([caption_column] if caption_column else [])
+    missing = [c for c in columns if c not in table.schema_arrow.names]
+    if missing:
+        raise ValueError(f"{path}: no column {missing} (columns: {table.schema_arrow.names}); set the dataset's "
+                         "id_column / image_column / caption_field in resources.datasets")
+    for batch in table.iter_batches(columns=columns, batch_size=256):
+        captions = batch.column(caption_column).to_pylist() if caption_column else [None] * batch.num_rows
+        for image_id, image, caption in zip(batch.column(id_column).to_pylist(),
+                                            batch.column(image_column).to_pylist(), captions, strict=True):
             data = image["bytes"] if isinstance(image, dict) else image
             if data is None:
                 raise ValueError(f"{path}: image {image_id!r} has no embedded bytes")
-            yield str(image_id), bytes(data)
+            yield str(image_id), bytes(data), caption
 
 
-def read_webdataset(path: Path, id_column: str) -> Iterator[tuple[str, bytes]]:
-    """Samples of one tar shard; members of a sample are consecutive, as webdataset writes them."""
+def read_webdataset(path: Path, id_column: str, caption_field: str = "") -> Iterator[tuple[str, bytes, str | None]]:
+    """Samples of one tar shard (gzipped or not); members of a sample are consecutive, as webdataset writes them."""
 
-    def sample(key: str, members: dict[str, bytes]) -> tuple[str, bytes] | None:
+    def sample(key: str, members: dict[str, bytes]) -> tuple[str, bytes, str | None] | None:
         image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
         if image is None:
             return None
-        image_id = key
-        if "json" in members:
-            image_id = str(json.loads(members["json"]).get(id_column, key))
-        return image_id, image
+        fields = json.loads(members["json"]) if "json" in members else {}
+        caption = None
+        if caption_field in members:
+            caption = members[caption_field].decode("utf-8")
+        elif caption_field and caption_field in fields:
+            caption = str(fields[caption_field])
+        return str(fields.get(id_column, key)), image, caption
 
     with tarfile.open(path) as tar:
         key, members = None, {}
@@ -139,14 +158,16 @@ def held_out(source_name: str, image_id: str, fraction: float) -> bool:
 
 @dataclass(frozen=True)
 class Exclusions:
-    """Images that must not enter the database: by id and by sha256 of the encoded bytes."""
+    """Images that must not enter the database: by (source name, image id), and by sha256 of the encoded bytes
+    (the same image under another name or in another source). An id alone is not a key: ids repeat across
+    sources."""
 
-    ids: frozenset[str] = frozenset()
+    keys: frozenset[tuple[str, str]] = frozenset()
     sha256: frozenset[str] = frozenset()
 
-    def reason(self, image_id: str, data: bytes) -> str | None:
+    def reason(self, source: str, image_id: str, data: bytes) -> str | None:
         """'id' or 'hash' when the image is excluded, else None."""
-        if image_id in self.ids:
+        if (source, image_id) in self.keys:
             return "id"
         if self.sha256 and sha256_bytes(data) in self.sha256:
             return "hash"
@@ -158,27 +179,46 @@ class Exclusions:
             return cls()
         try:
             data = json.loads(Path(path).read_text())
-            return cls(frozenset(data["ids"]), frozenset(data["sha256"]))
+            return cls(frozenset((str(source), str(image_id)) for source, image_id in data["keys"]),
+                       frozenset(data["sha256"]))
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{path}: not an exclusion list ({type(err).__name__}: {err}); delete it and rerun "
                              "`arrag exclusion-list` (the patch_exclusions rule)") from err
 
     def digest(self) -> str:
-        payload = json.dumps({"ids": sorted(self.ids), "sha256": sorted(self.sha256)}).encode()
+        payload = json.dumps({"keys": sorted(self.keys), "sha256": sorted(self.sha256)}).encode()
         return hashlib.sha256(payload).hexdigest()
 
 
 def write_exclusions(out: str | Path, folders: list[str | Path]) -> Exclusions:
-    """Hash every image of `folders` (benchmark references, fine-tuning images; each read as `read_sources`
-    reads a database folder) into an exclusion list of ids and sha256."""
-    ids, hashes = set(), set()
+    """The exclusion list of `folders`: a fine-tuning split built by `arrag finetune-split` gives the (source, id,
+    sha256) of each of its images from its annotations; any other folder (benchmark references, a Shapes split)
+    is read as `read_sources` reads a database folder and every image hashed."""
+    keys, hashes = set(), set()
     for folder in folders:
+        provenance = finetune_provenance(folder)
+        if provenance is not None:
+            keys.update((r["source"], r["source_id"]) for r in provenance)
+            hashes.update(r["sha256"] for r in provenance)
+            continue
         for source in read_sources(folder):
             for image_id, data in source.read():
-                ids.add(image_id)
+                keys.add((source.name, image_id))
                 hashes.add(sha256_bytes(data))
-    write_json_atomic(out, {"folders": [str(f) for f in folders], "ids": sorted(ids), "sha256": sorted(hashes)})
-    return Exclusions(frozenset(ids), frozenset(hashes))
+    write_json_atomic(out, {"folders": [str(f) for f in folders], "keys": sorted(keys), "sha256": sorted(hashes)})
+    return Exclusions(frozenset(keys), frozenset(hashes))
+
+
+def finetune_provenance(folder: str | Path) -> list[dict] | None:
+    """The annotation records of a fine-tuning split that name where each image came from (source, source_id,
+    sha256 of the source's bytes), or None for any other folder."""
+    path = Path(folder) / "annotations.jsonl"
+    if not path.is_file():
+        return None
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not records or not all({"source", "source_id", "sha256"} <= r.keys() for r in records):
+        return None
+    return records
 
 
 def decode_image(data: bytes, size: int):

@@ -115,7 +115,7 @@ else:
     MJHQ_IMAGES = config["benchmarks"]["mjhq"]["images"]
     BACKBONE = "resources/models/backbone"
     DATABASE_IMAGES = "resources/datasets/database"
-    FINETUNE_IMAGES = "resources/datasets/finetune"
+    FINETUNE_IMAGES = f"{R}/finetune"  # built from the fetched fine-tuning datasets (data.smk: finetune_split)
     TOKENIZER = BACKBONE
     # Show-o: the hub checkpoint, its MAGVIT-v2 image tokenizer and Phi-1.5's text tokenizer, fetched; its O index
     # and its fine-tuning tokens are MAGVIT-v2 tokens of the database and fine-tuning images.

@@ -124,6 +124,27 @@ if not SHAPES:
             "python -m arrag.cli fetch backbone --repo {params.repo:q} --revision={params.revision:q} --key {params.key}"
             " {params.include:q} --out {output:q} {params.options:q} > {log:q} 2>&1"
 
+    rule finetune_split:
+        """The fine-tuning image-caption pairs (Appendix B.3) from the fetched fine-tuning datasets, each image's
+        source, id and sha256 in annotations.jsonl (the exclusion list reads them).
+        """
+        input:
+            "resources/datasets/finetune",
+        output:
+            directory(FINETUNE_IMAGES),
+        log:
+            f"{LOGS}/finetune_split.log",
+        benchmark:
+            f"{LOGS}/finetune_split.benchmark.tsv"
+        conda:
+            MAIN_ENV
+        params:
+            code=code_hash("finetune-split"),
+            size=config["resources"]["finetune_image_size"],
+        shell:
+            "OMP_NUM_THREADS={threads} python -m arrag.cli finetune-split --sources {input:q} --out {output:q}"
+            " --image-size {params.size} > {log:q} 2>&1"
+
     rule fetch_datasets:
         """The image datasets of the patch database or of fine-tuning, subsampled by files, with sources.json."""
         output:
