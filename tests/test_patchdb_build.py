@@ -229,6 +229,37 @@ def test_parquet_and_webdataset_sources(tmp_path):
     assert [image_id for _, image_id, _ in chosen] == ["cc-1-0", "cc-1-1", "uid1"]
 
 
+def test_a_source_with_fewer_files_than_shards_is_cut_by_file_and_position(tmp_path):
+    """2 archives (one gzipped, as JourneyDB's) of 5 images into 3 shards: 2 parts per file, units (file, part)
+    dealt round-robin; every image lands in exactly one shard, and a shard opens only the files of its units."""
+    from arrag.patchdb.encode import shard_images
+
+    (tmp_path / "jdb").mkdir()
+    for number, mode in ((0, "w"), (1, "w:gz")):
+        with tarfile.open(tmp_path / "jdb" / f"{number:03d}.{'tar' if mode == 'w' else 'tgz'}", mode) as tar:
+            for i in range(5):
+                data = png(10 * number + i)
+                info = tarfile.TarInfo(f"{number}{i:04d}.png")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    opened = []
+
+    class Recorded(ImageSource):
+        def read(self, files=None):
+            opened.append([f.name for f in files])
+            return super().read(files)
+
+    recorded = Recorded("journeydb", str(tmp_path / "jdb"), format="webdataset")
+    per_shard = {}
+    for shard in range(3):
+        opened.clear()
+        per_shard[shard] = ([image_id for _, image_id, _ in shard_images([recorded], shard, 3, Exclusions(), [])],
+                            sorted({name for files in opened for name in files}))
+    assert per_shard == {0: (["00000", "00002", "00004", "10001", "10003"], ["000.tar", "001.tgz"]),
+                         1: (["00001", "00003"], ["000.tar"]),
+                         2: (["10000", "10002", "10004"], ["001.tgz"])}
+
+
 def test_cli_builds_the_index_and_the_figure_6_analysis(tmp_path, vq_dir, database, monkeypatch):
     heldout = tmp_path / "heldout"
     (heldout / "images").mkdir(parents=True)

@@ -12,9 +12,11 @@ A shard file holds everything later steps need, so they never load the VQ again:
 Keys are not stored: they are a deterministic function of these grids (`arrag.patchdb.neighbourhood`), built
 when the shard is added to the index, which keeps a shard 4-8x smaller than its keys.
 
-Sharding: with at least as many files as shards, shard j reads files j, j + shards, ... of each source;
-otherwise it reads every file and keeps images j, j + shards, ... . Either way no image is dropped or seen
-twice. Excluded (benchmark / fine-tuning) and held-out images are counted and skipped.
+Sharding: the files of each source are cut into units (file f, part p), P = ceil(shards / files) parts per file
+(part p: the file's images at positions p, p + P, ...), and shard j takes units j, j + shards, ... . With at least
+as many files as shards a unit is a whole file; with fewer (JourneyDB's 200 archives into 256 shards) a job reads
+only the one or two files its units are in, never the whole source. No image is dropped or seen twice. Excluded
+(benchmark / fine-tuning) and held-out images are counted and skipped.
 """
 
 from __future__ import annotations
@@ -94,14 +96,14 @@ def shard_images(sources: list[ImageSource], shard: int, shards: int, exclusions
     kept, excluded (by id / by hash), held out and left over the source's `images` quota to `counts`."""
     for index, source in enumerate(sources):
         files = source.files()
-        by_file = len(files) >= shards
+        parts = -(-shards // len(files))  # per file: 1 when there are at least as many files as shards
+        units = [(file, part) for file in files for part in range(parts)][shard::shards]
         quota = source.images // shards + (shard < source.images % shards) if source.images else None
         count = {"name": source.name, "revision": source.revision, "format": source.format, "read": 0,
                  "kept": 0, "excluded_id": 0, "excluded_hash": 0, "held_out": 0, "over_quota": 0}
         counts.append(count)
-        for position, (image_id, data) in enumerate(source.read(files[shard::shards] if by_file else files)):
-            if not by_file and position % shards != shard:
-                continue
+        for image_id, data in (item for file, part in units
+                               for position, item in enumerate(source.read([file])) if position % parts == part):
             count["read"] += 1
             reason = exclusions.reason(source.name, image_id, data)
             if reason is not None:
