@@ -141,8 +141,10 @@ def test_paper_config_pins_only_what_is_known():
     for name, spec in resources["benchmarks"].items():
         if spec["host"] == "github":
             assert spec["revision"] and all(f["git_oid"] for f in spec["files"]), name
-    assert resources["benchmarks"]["mjhq"]["revision"] is None  # nobody has pinned it: a user must
-    assert re.fullmatch(r"[0-9a-f]{40}", PAPER["backbone"]["revision"])  # Janus-Pro-1B: a full commit hash
+    for revision in (resources["benchmarks"]["mjhq"]["revision"], PAPER["backbone"]["revision"]):
+        assert re.fullmatch(r"[0-9a-f]{40}", revision)  # MJHQ-30K, Janus-Pro-1B: full commit hashes
+    assert all(d.get("revision") is None for d in resources["datasets"])  # no public record found: a user pins
+    assert all(PAPER["showo"][part]["revision"] is None for part in ("model", "tokenizer", "text_tokenizer"))
     assert sum(d["database_images"] for d in resources["datasets"]) == 5_700_000 + 3_300_000 + 4_600_000
     assert sum(d["finetune_images"] for d in resources["datasets"]) == 50_000
 
