@@ -161,9 +161,11 @@ class Blender(nn.Module):
         carry = self.compatibility(refined) * refined
         return carry.mean(dim=-2), carry
 
-    def step_context(self, states: torch.Tensor, step: int) -> torch.Tensor:
-        """Decode step: the context term A [B, D] of target cell `step` from states [B, t >= step, D]."""
-        _, matrix, bias = self.taps()
+    def step_context(self, states: torch.Tensor, step: int,
+                     taps: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Decode step: the context term A [B, D] of target cell `step` from states [B, t >= step, D]; `taps`:
+        the caller's `taps()`, when it has them (else composed here, or read from the frozen cache)."""
+        _, matrix, bias = self.taps() if taps is None else taps
         if states.shape[1] == 0:  # step 0: no cell generated yet
             return bias.expand(states.shape[0], -1)
         cells, inside = self._taps(step, states.device)
@@ -188,8 +190,8 @@ class Blender(nn.Module):
     def step(self, states: torch.Tensor, patches: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode step for target cell `step`: states [B, t, D], patches [B, K, D] -> (residual [B, D],
         carry [B, K, D])."""
-        centre = self.taps()[0]
-        refined = self.step_context(states, step).unsqueeze(1) + self.norm(patches) @ centre.T
+        taps = self.taps()
+        refined = self.step_context(states, step, taps).unsqueeze(1) + self.norm(patches) @ taps[0].T
         return self._blend(refined)
 
     @torch.no_grad()

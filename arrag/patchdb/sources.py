@@ -212,10 +212,11 @@ def write_exclusions(out: str | Path, folders: list[str | Path]) -> Exclusions:
 def finetune_provenance(folder: str | Path) -> list[dict] | None:
     """The annotation records of a fine-tuning split that name where each image came from (source, source_id,
     sha256 of the source's bytes), or None for any other folder."""
-    path = Path(folder) / "annotations.jsonl"
-    if not path.is_file():
+    from arrag.shapes.dataset import read_annotations
+
+    if not (Path(folder) / "annotations.jsonl").is_file():
         return None
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = read_annotations(folder)
     if not records or not all({"source", "source_id", "sha256"} <= r.keys() for r in records):
         return None
     return records
